@@ -1,0 +1,107 @@
+"""Orbax checkpoints of a run: train state (params, optimizer state, step), config, metrics.
+
+Layout: ``WORKDIR/config.json`` (the run's config, for people and for the resume check) and
+``WORKDIR/checkpoints/<step>/{state,config,metrics}`` written by ``orbax``'s
+``CheckpointManager`` (atomic: a step directory appears only once fully written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from icl_gd.config import Config
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds a run trained with a different config."""
+
+
+def _manager(workdir: str, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=options,
+        item_names=("state", "config", "metrics"),
+    )
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints (a thin, typed face over orbax)."""
+
+    def __init__(self, workdir: str, keep: int | None = None, read_only: bool = False):
+        self.workdir = workdir
+        self._mgr = _manager(workdir, keep, read_only)
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mgr.all_steps())
+
+    def save(self, step: int, state: Any, config: Config, metrics: list[dict]) -> None:
+        self._mgr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                config=ocp.args.JsonSave(config.to_dict()),
+                metrics=ocp.args.JsonSave({"history": metrics}),
+            ),
+        )
+        self._mgr.wait_until_finished()
+
+    def restore_config(self, step: int | None = None) -> Config:
+        step = self.latest_step() if step is None else step
+        out = self._mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return Config.from_dict(dict(out["config"]))
+
+    def restore(self, template: Any, step: int | None = None) -> tuple[Any, Config, list[dict]]:
+        """(state, config, metrics history) at ``step`` (default: latest); ``template`` gives the tree."""
+        step = self.latest_step() if step is None else step
+        out = self._mgr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(template),
+                config=ocp.args.JsonRestore(),
+                metrics=ocp.args.JsonRestore(),
+            ),
+        )
+        return out["state"], Config.from_dict(dict(out["config"])), list(out["metrics"]["history"])
+
+    def close(self) -> None:
+        self._mgr.close()
+
+
+def write_config(workdir: str, cfg: Config) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, ".config.json.tmp")
+    with open(tmp, "w") as f:
+        f.write(cfg.to_json())
+    os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+def read_config(workdir: str) -> Config | None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return Config.from_dict(json.load(f))
+
+
+def check_same_run(workdir: str, cfg: Config) -> None:
+    """Refuse to resume a run whose stored config differs in any field that changes training."""
+    stored = read_config(workdir)
+    if stored is None:
+        return
+    diff = stored.differences(cfg)
+    if diff:
+        lines = ", ".join(f"--{k}: stored {a!r} vs given {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ConfigMismatchError(
+            f"{workdir} already holds a run with a different config ({lines}); "
+            "use a new --workdir or the stored values"
+        )

@@ -1,0 +1,165 @@
+"""The immutable run configuration: one frozen dataclass, validated before anything compiles.
+
+Every field is also an absl flag of ``launch.train`` (see ``launch/flags.py``), with the
+field's ``help`` metadata as its help text, so the flags and the config never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+COVARIANCES = ("isotropic", "cond", "eigenvalues")
+X_DISTS = ("gaussian", "sphere", "student_t")
+WEIGHT_PRIORS = ("identity", "inverse")
+TARGETS = ("linear", "tanh", "relu_net")
+PARAMETERIZATIONS = ("full", "sparse")
+ATTENTIONS = ("linear", "softmax")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+
+# Fields that change bookkeeping only, never the trained parameters: a run may be resumed
+# with different values for these.
+OPERATIONAL_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "eval_tasks")
+
+
+class ConfigError(ValueError):
+    """A config field or flag holds a value outside its allowed range."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"--{field}={value!r} is invalid: {allowed}")
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors absl's argument name
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that determines a run. Frozen: derive variants with ``dataclasses.replace``."""
+
+    # --- task distribution -------------------------------------------------------------
+    d: int = _f(5, "Covariate dimension d.")
+    n: int = _f(20, "Context length n (number of (x_i, y_i) pairs before the query).")
+    covariance: str = _f("isotropic", f"Spectrum of Sigma: one of {COVARIANCES}.")
+    cond: float = _f(10.0, "Condition number for --covariance=cond (eigenvalues 1 .. 1/cond, geometric).")
+    eigenvalues: tuple[float, ...] = _f((), "Explicit eigenvalues of Sigma (length d) for --covariance=eigenvalues.")
+    rotate: bool = _f(True, "Rotate the spectrum by a random orthogonal matrix (cond/eigenvalues).")
+    rotation_seed: int = _f(0, "Seed of the random rotation of Sigma.")
+    x_dist: str = _f("gaussian", f"Law of the covariates, all with E[x x^T] = Sigma: one of {X_DISTS}.")
+    dof: float = _f(5.0, "Degrees of freedom of --x_dist=student_t (heavy-tailed radius); must be > 2.")
+    weight_prior: str = _f("identity", f"Prior of w: identity (N(0, I)) or inverse (N(0, Sigma^-1)); one of {WEIGHT_PRIORS}.")
+    noise: float = _f(0.0, "Label noise std sigma (eps ~ N(0, sigma^2) on every pair, the query included).")
+    target: str = _f("linear", f"Target family f(x): one of {TARGETS}.")
+    relu_width: int = _f(16, "Hidden width of the random two-layer ReLU target (--target=relu_net).")
+    # --- model ---------------------------------------------------------------------------
+    depth: int = _f(1, "Number of attention layers L.")
+    heads: int = _f(1, "Attention heads per layer (outputs summed).")
+    key_size: int = _f(0, "Rows of W_K and W_Q; 0 means d+1.")
+    parameterization: str = _f("full", f"Weight structure: one of {PARAMETERIZATIONS}.")
+    attention: str = _f("linear", f"Attention kind: one of {ATTENTIONS}.")
+    tie_weights: bool = _f(False, "Share one set of layer weights across all layers.")
+    init_scale: float = _f(0.2, "Std of the Gaussian initialisation of every weight.")
+    # --- optimisation --------------------------------------------------------------------
+    optimizer: str = _f("adam", f"Optimiser: one of {OPTIMIZERS}.")
+    lr: float = _f(3e-3, "Peak learning rate.")
+    schedule: str = _f("cosine", f"Learning-rate schedule: one of {SCHEDULES}.")
+    warmup_steps: int = _f(0, "Linear warm-up steps for --schedule=warmup_cosine.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay (adamw only).")
+    clip_norm: float = _f(0.0, "Global-norm gradient clipping threshold; 0 disables it.")
+    batch_size: int = _f(1024, "Fresh tasks per training step.")
+    steps: int = _f(4000, "Training steps.")
+    seed: int = _f(0, "Seed of initialisation, training tasks and the held-out set.")
+    # --- bookkeeping ---------------------------------------------------------------------
+    eval_tasks: int = _f(32768, "Size of the fixed held-out evaluation set.")
+    log_every: int = _f(500, "Steps per compiled call; metrics are logged at these boundaries.")
+    checkpoint_every: int = _f(1000, "Save a checkpoint every this many steps (and at the end).")
+    keep_checkpoints: int = _f(3, "How many recent checkpoints to keep.")
+
+    # ------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        # Flags and JSON give lists; keep the dataclass hashable and immutable.
+        object.__setattr__(self, "eigenvalues", tuple(float(v) for v in self.eigenvalues))
+
+    @property
+    def k(self) -> int:
+        """Key/query width."""
+        return self.key_size or self.d + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["eigenvalues"] = list(self.eigenvalues)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(unknown[0], data[unknown[0]], f"unknown field; known fields: {sorted(names)}")
+        return cls(**data)
+
+    def differences(self, other: Config, ignore: tuple[str, ...] = OPERATIONAL_FIELDS) -> dict[str, tuple]:
+        """Fields (other than ``ignore``) whose values differ: {name: (self, other)}."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]}
+
+    def validate(self) -> Config:
+        """Raise ``ConfigError`` naming the first bad field; return self when all is well."""
+        _choice(self, "covariance", COVARIANCES)
+        _choice(self, "x_dist", X_DISTS)
+        _choice(self, "weight_prior", WEIGHT_PRIORS)
+        _choice(self, "target", TARGETS)
+        _choice(self, "parameterization", PARAMETERIZATIONS)
+        _choice(self, "attention", ATTENTIONS)
+        _choice(self, "optimizer", OPTIMIZERS)
+        _choice(self, "schedule", SCHEDULES)
+        for name in ("d", "n", "depth", "heads", "batch_size", "steps", "eval_tasks",
+                     "log_every", "checkpoint_every", "keep_checkpoints", "relu_width"):
+            _at_least(self, name, 1)
+        for name in ("key_size", "warmup_steps", "seed", "rotation_seed"):
+            _at_least(self, name, 0)
+        _real(self, "noise", lo=0.0)
+        _real(self, "weight_decay", lo=0.0)
+        _real(self, "clip_norm", lo=0.0)
+        _real(self, "init_scale", lo=0.0, strict=True)
+        _real(self, "lr", lo=0.0, strict=True)
+        _real(self, "cond", lo=1.0)
+        _real(self, "dof", lo=2.0, strict=True)
+        if self.covariance == "eigenvalues":
+            ev = self.eigenvalues
+            if len(ev) != self.d:
+                raise ConfigError("eigenvalues", list(ev), f"need exactly d={self.d} values")
+            if not all(math.isfinite(v) and v > 0 for v in ev):
+                raise ConfigError("eigenvalues", list(ev), "every eigenvalue must be finite and > 0")
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ConfigError("weight_decay", self.weight_decay, "only --optimizer=adamw uses weight decay")
+        if self.warmup_steps >= self.steps and self.schedule == "warmup_cosine":
+            raise ConfigError("warmup_steps", self.warmup_steps, f"must be < --steps={self.steps}")
+        return self
+
+
+def _choice(cfg: Config, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise ConfigError(name, value, f"allowed values are {', '.join(allowed)}")
+
+
+def _at_least(cfg: Config, name: str, lo: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(name, value, f"must be an integer >= {lo}")
+
+
+def _real(cfg: Config, name: str, lo: float, strict: bool = False) -> None:
+    value = getattr(cfg, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if strict else value >= lo)
+    if not ok:
+        raise ConfigError(name, value, f"must be a finite number {'>' if strict else '>='} {lo}")

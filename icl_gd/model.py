@@ -1,0 +1,204 @@
+"""Linear self-attention (LSA) stacks as pure functions over a named parameter pytree.
+
+Conventions (used everywhere in icl-gd, stated once here):
+
+* Tokens are rows. Context token i is z_i = [x_i, y_i] in R^{d+1}; the query token is
+  z_q = [x_q, 0]. A batch is Z of shape [B, n+1, d+1] with the query last.
+* Weights act on column vectors: q = W_Q z, k = W_K z, v = W_V z, with W_K, W_Q of shape
+  [k, d+1] and W_V of shape [d+1, d+1] (a leading head axis [H, ...] when heads > 1).
+  The score of query row j on key i is k_i^T q_j = z_i^T (W_K^T W_Q) z_j.
+* Only the n context tokens are keys and values (the query is never a key). Each layer is
+  residual with a 1/n factor (Ahn et al. 2023, eq. (2); Mahankali et al. 2023, eq. (2.2)):
+
+      z_j <- z_j + (1/n) sum_{i<=n} (z_i^T W_K^T W_Q z_j) W_V z_i      (every row j)
+
+* The prediction is read from the query row's final state through the head h:
+  yhat = h^T z_q^(L). Ahn et al.'s readout -Z_L[d+1, n+1] is h = -e_{d+1}.
+
+With one layer, u = W_V^T h and B = W_K^T W_Q, the prediction is
+
+      yhat = h^T z_q + (1/n) sum_i (u^T z_i)(z_i^T B z_q),
+
+whose GD part is (1/n) x_q^T Gamma X^T y with Gamma = u_y B_xx^T (see ``analysis``).
+
+Parameterisations: ``full`` learns every entry (Mahankali et al.'s model); ``sparse`` is the
+Ahn et al. form, enforced by fixed masks applied in the forward pass: W_K and W_Q read only
+the x block (so B = [[A, 0], [0, 0]]), W_V maps only y to y, and h reads only y.
+
+The layer is computed associatively: Z (W_Q^T W_K (Z_c^T Z_c) W_V^T), cost O(n (d+1)^2)
+per task, never the (n+1) x n score matrix; ``apply_naive`` keeps that form as a test oracle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from icl_gd.config import Config
+
+Params = dict[str, Any]  # {'layers': [{'W_K', 'W_Q', 'W_V'}, ...], 'h': [d+1]}
+
+
+def num_param_layers(cfg: Config) -> int:
+    """Stored layer entries: one when weights are tied, else ``depth``."""
+    return 1 if cfg.tie_weights else cfg.depth
+
+
+def _shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    head = (cfg.heads,) if cfg.heads > 1 else ()
+    return {
+        "W_K": (*head, cfg.k, cfg.d + 1),
+        "W_Q": (*head, cfg.k, cfg.d + 1),
+        "W_V": (*head, cfg.d + 1, cfg.d + 1),
+    }
+
+
+def masks(cfg: Config) -> Params:
+    """0/1 arrays of the param shapes marking the entries a parameterisation may use."""
+    shapes = _shapes(cfg)
+    d = cfg.d
+    layer = {name: np.ones(shape, np.float32) for name, shape in shapes.items()}
+    h = np.ones(d + 1, np.float32)
+    if cfg.parameterization == "sparse":
+        layer["W_K"][..., d] = 0.0  # keys read x only
+        layer["W_Q"][..., d] = 0.0  # queries read x only
+        layer["W_V"][...] = 0.0
+        layer["W_V"][..., d, d] = 1.0  # value: y -> y
+        h[:d] = 0.0  # head reads y only
+    return {"layers": [dict(layer) for _ in range(num_param_layers(cfg))], "h": h}
+
+
+def init_params(key: jax.Array, cfg: Config) -> Params:
+    """Gaussian init with std ``init_scale``; masked entries start (and stay) at zero."""
+    m = masks(cfg)
+    leaves, treedef = jax.tree.flatten(m)
+    keys = jax.random.split(key, len(leaves))
+    out = [cfg.init_scale * jax.random.normal(k, mk.shape) * mk for k, mk in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, out)
+
+
+def _masked(params: Params, cfg: Config) -> Params:
+    if cfg.parameterization == "full":
+        return params
+    return jax.tree.map(lambda p, m: p * m, params, masks(cfg))
+
+
+def _per_head(w: jax.Array, cfg: Config) -> jax.Array:
+    return w if cfg.heads > 1 else w[None]
+
+
+def tokens(x: jax.Array, y: jax.Array, x_query: jax.Array) -> jax.Array:
+    """Z [B, n+1, d+1]: rows [x_i, y_i] then the query row [x_q, 0]."""
+    ctx = jnp.concatenate([x, y[..., None]], axis=-1)
+    query = jnp.concatenate([x_query, jnp.zeros_like(x_query[..., :1])], axis=-1)
+    return jnp.concatenate([ctx, query[:, None]], axis=1)
+
+
+def _linear_layer(z: jax.Array, layer: Params, cfg: Config, query_only: bool) -> jax.Array:
+    """One residual LSA layer, associative form. z [B, n+1, d+1]."""
+    n = cfg.n
+    wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
+    zc = z[:, :n]
+    c = jnp.einsum("bni,bnj->bij", zc, zc)  # Z_c^T Z_c, [B, d+1, d+1]
+    # M = sum_h W_Q^T W_K C W_V^T: out_j = z_j^T M / n.
+    kv = jnp.einsum("hki,bij,hlj->bhkl", wk, c, wv)  # W_K C W_V^T per head
+    m = jnp.einsum("hkr,bhkl->brl", wq, kv)
+    if query_only:
+        return z[:, n] + jnp.einsum("br,brl->bl", z[:, n], m) / n
+    return z + jnp.einsum("bjr,brl->bjl", z, m) / n
+
+
+def _softmax_layer(z: jax.Array, layer: Params, cfg: Config, query_only: bool) -> jax.Array:
+    """Residual softmax attention over the n context keys (no 1/n: softmax normalises)."""
+    n = cfg.n
+    wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
+    zc = z[:, :n]
+    rows = z[:, n:] if query_only else z
+    scores = jnp.einsum("bjr,hkr,hki,bni->bhjn", rows, wq, wk, zc)
+    attn = jax.nn.softmax(scores, axis=-1)
+    out = rows + jnp.einsum("bhjn,bni,hli->bjl", attn, zc, wv)
+    return out[:, 0] if query_only else out
+
+
+def _layers(params: Params, cfg: Config) -> list[Params]:
+    stored = params["layers"]
+    return [stored[0]] * cfg.depth if cfg.tie_weights else list(stored)
+
+
+def apply(params: Params, x: jax.Array, y: jax.Array, x_query: jax.Array, cfg: Config) -> jax.Array:
+    """Predictions yhat [B] for contexts x [B, n, d], y [B, n] and queries x_query [B, d]."""
+    chex.assert_rank([x, y, x_query], [3, 2, 2])
+    chex.assert_shape(x, (None, cfg.n, cfg.d))
+    params = _masked(params, cfg)
+    layer_fn = _linear_layer if cfg.attention == "linear" else _softmax_layer
+    z = tokens(x, y, x_query)
+    layers = _layers(params, cfg)
+    for i, layer in enumerate(layers):
+        z = layer_fn(z, layer, cfg, query_only=i == len(layers) - 1)
+    pred = z @ params["h"]
+    chex.assert_shape(pred, (x.shape[0],))
+    return pred
+
+
+def apply_naive(params: Params, x: jax.Array, y: jax.Array, x_query: jax.Array, cfg: Config) -> jax.Array:
+    """Test oracle: the same model through the explicit (n+1) x n score matrix."""
+    if cfg.attention != "linear":
+        return apply(params, x, y, x_query, cfg)
+    params = _masked(params, cfg)
+    z = tokens(x, y, x_query)
+    n = cfg.n
+    for layer in _layers(params, cfg):
+        wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
+        zc = z[:, :n]
+        q = jnp.einsum("bjr,hkr->bhjk", z, wq)
+        k = jnp.einsum("bir,hkr->bhik", zc, wk)
+        v = jnp.einsum("bir,hlr->bhil", zc, wv)
+        scores = jnp.einsum("bhjk,bhik->bhji", q, k)  # [B, H, n+1, n]
+        z = z + jnp.einsum("bhji,bhil->bjl", scores, v) / n
+    return z[:, n] @ params["h"]
+
+
+def gd_params(cfg: Config, gammas: Any) -> Params:
+    """Exact weights of k = depth steps of preconditioned GD from w_0 = 0.
+
+    Step l is w_{l+1} = w_l + (1/n) Gamma_l X^T (y - X w_l) (GD on (1/2n)||Xw - y||^2 with
+    preconditioner Gamma_l; Gamma_l = eta I is plain GD), and the model predicts x_q^T w_L.
+    For depth 1 this is yhat = (1/n) x_q^T Gamma X^T y. Construction (von Oswald et al. 2023,
+    Prop. 1; Ahn et al. 2023, Lemma 1): W_K = [I_d 0], W_Q = [Gamma_l^T 0], W_V = -e e^T and
+    h = -e with e = e_{d+1}: each layer subtracts the step from every token's y entry, so
+    context rows carry the residuals y_i - x_i^T w_l and the query row carries -x_q^T w_l.
+
+    ``gammas``: a scalar step size, a [d, d] matrix, or a list of either (one per layer).
+    Works for both parameterisations; needs linear attention and key_size >= d.
+    """
+    d = cfg.d
+    if cfg.attention != "linear":
+        raise ValueError("gd_params needs --attention=linear")
+    if cfg.k < d:
+        raise ValueError(f"gd_params needs key_size >= d={d}, got {cfg.k}")
+    if not isinstance(gammas, (list, tuple)):
+        gammas = [gammas] * cfg.depth
+    if len(gammas) != cfg.depth:
+        raise ValueError(f"need {cfg.depth} preconditioners, got {len(gammas)}")
+    mats = [np.asarray(g, np.float64) * (np.eye(d) if np.ndim(g) == 0 else 1.0) for g in gammas]
+    if cfg.tie_weights and any(not np.allclose(m, mats[0]) for m in mats):
+        raise ValueError("tied weights need the same preconditioner in every layer")
+    e_vv = np.zeros((d + 1, d + 1))
+    e_vv[d, d] = -1.0
+    layers = []
+    for g in mats[: num_param_layers(cfg)]:
+        wk = np.zeros((cfg.k, d + 1))
+        wk[:d, :d] = np.eye(d)
+        wq = np.zeros((cfg.k, d + 1))
+        wq[:d, :d] = g.T
+        layer = {"W_K": wk, "W_Q": wq, "W_V": e_vv}
+        if cfg.heads > 1:  # the whole step in head 0, other heads silent
+            layer = {name: np.concatenate([w[None], np.zeros((cfg.heads - 1, *w.shape))]) for name, w in layer.items()}
+        layers.append({name: jnp.asarray(w, jnp.float32) for name, w in layer.items()})
+    h = np.zeros(d + 1)
+    h[d] = -1.0
+    return {"layers": layers, "h": jnp.asarray(h, jnp.float32)}

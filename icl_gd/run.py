@@ -1,0 +1,69 @@
+"""Open a trained run from Python in one line: ``run = icl_gd.load(workdir)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from icl_gd.checkpoint import Checkpointer
+from icl_gd.config import Config
+from icl_gd.data import covariance_matrix, prior_covariance
+from icl_gd.model import Params, apply
+from icl_gd.train import TrainState, init_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A checkpointed run: its config, named params (``params['layers'][l]['W_K']``, ...,
+    ``params['h']``), step, metrics history and the Sigma it trained on."""
+
+    workdir: str
+    config: Config
+    params: Params
+    step: int
+    metrics: list[dict]
+    opt_state: Any = None
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """The d x d Sigma = E[x x^T] of the training distribution."""
+        return covariance_matrix(self.config)
+
+    @property
+    def prior_covariance(self) -> np.ndarray:
+        """Omega = E[w w^T] of the training distribution."""
+        return prior_covariance(self.config)
+
+    def predict(self, x: Any, y: Any, x_query: Any) -> np.ndarray:
+        """Model predictions [B] for x [B, n, d], y [B, n], x_query [B, d] (NumPy or JAX)."""
+        x, y, x_query = (jnp.asarray(a, jnp.float32) for a in (x, y, x_query))
+        cfg = self.config
+        b = x.shape[0]
+        chex.assert_shape(x, (b, cfg.n, cfg.d))
+        chex.assert_shape(y, (b, cfg.n))
+        chex.assert_shape(x_query, (b, cfg.d))
+        return np.asarray(_jitted_apply(cfg)(self.params, x, y, x_query))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_apply(cfg: Config):
+    return jax.jit(functools.partial(apply, cfg=cfg))
+
+
+def load(workdir: str, step: int | None = None) -> Run:
+    """Load the latest (or the given) checkpoint of the run in ``workdir``."""
+    ckpt = Checkpointer(workdir, read_only=True)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    cfg = ckpt.restore_config(step)
+    template = init_state(cfg)
+    state, cfg, history = ckpt.restore(template, step)
+    state = TrainState(*state) if not isinstance(state, TrainState) else state
+    ckpt.close()
+    return Run(workdir, cfg, state.params, int(state.step), history, state.opt_state)
