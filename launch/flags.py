@@ -1,0 +1,51 @@
+"""absl flags generated from ``icl_gd.Config``: one flag per config field, same name and help."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags, logging
+
+from icl_gd.config import Config, ConfigError
+
+_DEFINERS = {
+    "int": flags.DEFINE_integer,
+    "float": flags.DEFINE_float,
+    "bool": flags.DEFINE_boolean,
+    "str": flags.DEFINE_string,
+}
+
+
+def quiet_library_logs() -> None:
+    """Keep absl INFO for our progress lines; drop the per-save chatter of orbax and XLA's backend probe."""
+    noisy = ("/orbax/", "xla_bridge.py")
+    logging.get_absl_handler().addFilter(lambda r: not any(s in r.pathname for s in noisy))
+
+
+def define_config_flags(exclude: tuple[str, ...] = ()) -> None:
+    """Define ``--<field>`` for every Config field (lists for tuple fields)."""
+    for f in dataclasses.fields(Config):
+        if f.name in exclude:
+            continue
+        help_text = f.metadata.get("help", f.name)
+        if f.type.startswith("tuple"):
+            flags.DEFINE_list(f.name, [str(v) for v in f.default], help_text + " (comma-separated)")
+        else:
+            _DEFINERS[f.type](f.name, f.default, help_text)
+
+
+def config_from_flags(**overrides) -> Config:
+    """Build and validate the Config from parsed flags; raises ConfigError naming the flag."""
+    values = {}
+    for f in dataclasses.fields(Config):
+        if f.name not in flags.FLAGS:
+            continue
+        value = flags.FLAGS[f.name].value
+        if f.type.startswith("tuple"):
+            try:
+                value = tuple(float(v) for v in value)
+            except ValueError as e:
+                raise ConfigError(f.name, ",".join(value), "must be comma-separated numbers") from e
+        values[f.name] = value
+    values.update(overrides)
+    return Config(**values).validate()
