@@ -1,0 +1,119 @@
+"""Sample moments of the task distributions against their stated laws.
+
+Tolerances come from the sample itself: each entry of a sample second moment is a mean of
+N products, so its standard error is std(product)/sqrt(N); we allow 5 standard errors.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from icl_gd.config import Config
+from icl_gd.data import (
+    TaskSpec,
+    covariance_matrix,
+    distribution,
+    prior_covariance,
+    random_orthogonal,
+    sample_tasks,
+    sample_weights,
+)
+
+N = 40_000
+SPECTRA = [
+    dict(covariance="isotropic"),
+    dict(covariance="cond", cond=20.0, rotation_seed=3),
+    dict(covariance="cond", cond=5.0, rotate=False),
+    dict(covariance="eigenvalues", eigenvalues=(3.0, 1.0, 0.5, 0.1)),
+    dict(covariance="eigenvalues", eigenvalues=(2.0, 2.0, 1.0, 0.25), rotate=False),
+]
+
+
+def _check_second_moment(samples: np.ndarray, expected: np.ndarray, k: float = 5.0) -> None:
+    prods = samples[:, :, None] * samples[:, None, :]
+    mean = prods.mean(0)
+    se = prods.std(0) / np.sqrt(len(samples))
+    assert np.all(np.abs(mean - expected) <= k * se + 1e-6), (mean, expected, se)
+
+
+def _draw(cfg: Config, batch: int = N // 4):
+    spec, dist = TaskSpec.from_config(cfg), distribution(cfg)
+    key = jax.random.PRNGKey(11)
+    tasks = sample_tasks(key, dist, spec, batch)
+    w = sample_weights(key, dist, spec, batch)
+    return tasks, np.asarray(w, np.float64)
+
+
+@pytest.mark.parametrize("spectrum", SPECTRA)
+@pytest.mark.parametrize("x_dist", ["gaussian", "sphere", "student_t"])
+def test_covariate_second_moment_is_sigma(spectrum, x_dist):
+    cfg = Config(d=4, n=3, x_dist=x_dist, dof=7.0, **spectrum)
+    tasks, _ = _draw(cfg)
+    x = np.concatenate([np.asarray(tasks.x).reshape(-1, cfg.d), np.asarray(tasks.x_query)], 0).astype(np.float64)
+    _check_second_moment(x, covariance_matrix(cfg))
+
+
+@pytest.mark.parametrize("spectrum", SPECTRA[1:4])
+@pytest.mark.parametrize("prior", ["identity", "inverse"])
+def test_weight_prior_covariance(spectrum, prior):
+    cfg = Config(d=4, n=2, weight_prior=prior, **spectrum)
+    _, w = _draw(cfg, batch=N)
+    _check_second_moment(w, prior_covariance(cfg))
+    if prior == "inverse":
+        np.testing.assert_allclose(prior_covariance(cfg) @ covariance_matrix(cfg), np.eye(4), atol=1e-10)
+
+
+def test_spectrum_construction():
+    cfg = Config(d=4, covariance="cond", cond=8.0, rotation_seed=5)
+    ev = np.sort(np.linalg.eigvalsh(covariance_matrix(cfg)))[::-1]
+    np.testing.assert_allclose(ev, 8.0 ** (-np.arange(4) / 3), rtol=1e-10)
+    u = random_orthogonal(6, 2)
+    np.testing.assert_allclose(u @ u.T, np.eye(6), atol=1e-12)
+    assert not np.allclose(covariance_matrix(cfg), np.diag(np.diag(covariance_matrix(cfg))))
+    unrotated = dataclasses.replace(cfg, rotate=False)
+    np.testing.assert_allclose(covariance_matrix(unrotated), np.diag(8.0 ** (-np.arange(4) / 3)))
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.5, 2.0])
+def test_noise_variance_and_linear_target(noise):
+    cfg = Config(d=3, n=5, noise=noise, covariance="cond", cond=4.0)
+    tasks, w = _draw(cfg)
+    x = np.asarray(tasks.x, np.float64)
+    resid = np.asarray(tasks.y, np.float64) - np.einsum("bnd,bd->bn", x, w)
+    resid_q = np.asarray(tasks.y_query, np.float64) - np.einsum("bd,bd->b", np.asarray(tasks.x_query, np.float64), w)
+    r = np.concatenate([resid.ravel(), resid_q])
+    se = np.sqrt(2.0 / r.size) * max(noise**2, 1e-12)  # var of a chi^2_1 * sigma^2 sample mean
+    assert abs(np.mean(r**2) - noise**2) <= 5 * se + 1e-8
+    assert abs(np.mean(r)) <= 5 * noise / np.sqrt(r.size) + 1e-6
+
+
+@pytest.mark.parametrize("target", ["tanh", "relu_net"])
+def test_nonlinear_targets_are_negation_symmetric_with_linear_scale(target):
+    cfg = Config(d=4, n=7, target=target)
+    tasks, _ = _draw(cfg)
+    y = np.asarray(tasks.y, np.float64).ravel()
+    se = y.std() / np.sqrt(y.size)
+    assert abs(y.mean()) < 5 * se  # f and -f equally likely => E y = 0
+    # E y^2: tr(Sigma Omega) = d for relu_net. For tanh, given w, s = w^T x ~ N(0, |w|^2) with
+    # |w|^2 ~ chi^2_d, so E y^2 = d E[tanh(|w| Z / sqrt(d))^2]: Gauss-Hermite in Z, and an
+    # independent 3e5-draw average over |w| (its error is far below the test's).
+    if target == "relu_net":
+        expected = cfg.d
+    else:
+        t, wts = np.polynomial.hermite_e.hermegauss(60)
+        r = np.sqrt(np.random.default_rng(0).chisquare(cfg.d, 300_000))
+        inner = np.tanh(np.outer(r, t) / np.sqrt(cfg.d)) ** 2 @ wts / np.sqrt(2 * np.pi)
+        expected = cfg.d * inner.mean()
+    assert abs(np.mean(y**2) - expected) < 5 * np.std(y**2) / np.sqrt(y.size)
+
+
+def test_same_key_same_tasks_and_fresh_keys_differ():
+    cfg = Config(d=3, n=4)
+    spec, dist = TaskSpec.from_config(cfg), distribution(cfg)
+    a = sample_tasks(jax.random.PRNGKey(0), dist, spec, 8)
+    b = sample_tasks(jax.random.PRNGKey(0), dist, spec, 8)
+    c = sample_tasks(jax.random.PRNGKey(1), dist, spec, 8)
+    np.testing.assert_array_equal(a.x, b.x)
+    assert not np.allclose(a.x, c.x)

@@ -1,0 +1,125 @@
+"""The associative LSA against the naive score-matrix oracle, and the exact GD-step weights."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from icl_gd.config import Config
+from icl_gd.data import TaskSpec, distribution, sample_tasks
+from icl_gd import model
+from icl_gd.model import gd_params, init_params, masks
+
+# One compile per config instead of eager op-by-op dispatch (Config is hashable).
+apply = jax.jit(model.apply, static_argnames="cfg")
+apply_naive = jax.jit(model.apply_naive, static_argnames="cfg")
+_sample = jax.jit(sample_tasks, static_argnums=(2, 3))
+
+
+def _tasks(cfg: Config, batch: int = 16, seed: int = 0):
+    return _sample(jax.random.PRNGKey(seed), distribution(cfg), TaskSpec.from_config(cfg), batch)
+
+
+@pytest.mark.parametrize("parameterization", ["full", "sparse"])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("heads,key_size,tie", [(1, 0, False), (2, 3, False), (1, 0, True)])
+def test_associative_matches_naive(parameterization, depth, heads, key_size, tie):
+    cfg = Config(d=4, n=9, depth=depth, heads=heads, key_size=key_size, tie_weights=tie,
+                 parameterization=parameterization, init_scale=0.3)
+    params = init_params(jax.random.PRNGKey(depth), cfg)
+    t = _tasks(cfg)
+    fast = apply(params, t.x, t.y, t.x_query, cfg=cfg)
+    slow = apply_naive(params, t.x, t.y, t.x_query, cfg=cfg)
+    assert fast.shape == (16,)
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_param_names_shapes_and_sparse_structure():
+    cfg = Config(d=3, n=5, depth=2, parameterization="sparse")
+    params = init_params(jax.random.PRNGKey(0), cfg)
+    assert set(params) == {"layers", "h"} and len(params["layers"]) == 2
+    layer = params["layers"][0]
+    assert {k: v.shape for k, v in layer.items()} == {"W_K": (4, 4), "W_Q": (4, 4), "W_V": (4, 4)}
+    assert params["h"].shape == (4,)
+    # Sparse: keys/queries read x only, value maps y -> y only, head reads y only.
+    assert np.all(layer["W_K"][:, 3] == 0) and np.all(layer["W_Q"][:, 3] == 0)
+    assert np.count_nonzero(layer["W_V"]) == 1 and layer["W_V"][3, 3] != 0
+    assert np.all(params["h"][:3] == 0)
+    # Structure is enforced in the forward pass: noise in masked entries changes nothing.
+    m = masks(cfg)
+    noisy = jax.tree.map(lambda p, mk: p + (1 - mk) * 7.0, params, m)
+    t = _tasks(cfg)
+    np.testing.assert_allclose(apply(noisy, t.x, t.y, t.x_query, cfg=cfg), apply(params, t.x, t.y, t.x_query, cfg=cfg))
+    # ...and gradients never reach masked entries.
+    g = jax.jit(jax.grad(lambda p: jnp.sum(apply(p, t.x, t.y, t.x_query, cfg=cfg) ** 2)))(params)
+    for gl, ml in zip(jax.tree.leaves(g), jax.tree.leaves(m)):
+        assert np.all(np.asarray(gl)[ml == 0] == 0)
+
+
+def test_heads_axis():
+    cfg = Config(d=3, n=5, heads=3, key_size=2)
+    layer = init_params(jax.random.PRNGKey(0), cfg)["layers"][0]
+    assert layer["W_K"].shape == (3, 2, 4) and layer["W_V"].shape == (3, 4, 4)
+
+
+@pytest.mark.parametrize("parameterization", ["full", "sparse"])
+def test_gd_step_constructor_is_exact(parameterization):
+    cfg = Config(d=4, n=11, noise=0.3, parameterization=parameterization)
+    t = _tasks(cfg, batch=32)
+    x, y, xq = (np.asarray(a, np.float64) for a in (t.x, t.y, t.x_query))
+    eta = 0.37
+    expected = eta / cfg.n * np.einsum("bn,bnd,bd->b", y, x, xq)  # (eta/n) sum_i y_i x_i^T x_q
+    got = apply(gd_params(cfg, eta), t.x, t.y, t.x_query, cfg=cfg)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    gamma = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (4, 4)), np.float64)
+    expected = np.einsum("bd,de,bne,bn->b", xq, gamma, x, y) / cfg.n  # (1/n) x_q^T Gamma X^T y
+    got = apply(gd_params(cfg, gamma), t.x, t.y, t.x_query, cfg=cfg)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_multilayer_constructor_is_k_steps_of_preconditioned_gd(depth):
+    cfg = Config(d=3, n=8, depth=depth, covariance="cond", cond=3.0)
+    t = _tasks(cfg, batch=8)
+    x, y, xq = (np.asarray(a, np.float64) for a in (t.x, t.y, t.x_query))
+    rng = np.random.default_rng(0)
+    gammas = [0.3 * np.eye(3) + 0.05 * rng.standard_normal((3, 3)) for _ in range(depth)]
+    w = np.zeros((8, 3))
+    for g in gammas:  # w <- w + (1/n) Gamma X^T (y - X w)
+        resid = y - np.einsum("bnd,bd->bn", x, w)
+        w = w + np.einsum("de,bne,bn->bd", g, x, resid) / cfg.n
+    expected = np.einsum("bd,bd->b", xq, w)
+    got = apply(gd_params(cfg, gammas), t.x, t.y, t.x_query, cfg=cfg)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    tied = dataclasses.replace(cfg, tie_weights=True)
+    got = apply(gd_params(tied, gammas[0]), t.x, t.y, t.x_query, cfg=tied)
+    with pytest.raises(ValueError):
+        gd_params(tied, gammas)
+    w = np.zeros((8, 3))
+    for _ in range(depth):
+        resid = y - np.einsum("bnd,bd->bn", x, w)
+        w = w + np.einsum("de,bne,bn->bd", gammas[0], x, resid) / cfg.n
+    np.testing.assert_allclose(got, np.einsum("bd,bd->b", xq, w), rtol=1e-4, atol=1e-4)
+
+
+def test_softmax_attention_runs():
+    cfg = Config(d=3, n=6, attention="softmax", depth=2)
+    params = init_params(jax.random.PRNGKey(1), cfg)
+    t = _tasks(cfg, batch=4)
+    out = apply(params, t.x, t.y, t.x_query, cfg=cfg)
+    assert out.shape == (4,) and np.all(np.isfinite(out))
+    g = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, t.x, t.y, t.x_query, cfg) ** 2)))(params)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(g))
+
+
+def test_query_is_not_a_key():
+    # With the query among the keys, a 1-layer LSA would gain terms cubic in x_q
+    # ((z_q^T B z_q)(u^T z_q)); without it the prediction is linear in x_q.
+    cfg = Config(d=3, n=6, init_scale=0.7)
+    p = init_params(jax.random.PRNGKey(2), cfg)
+    t = _tasks(cfg, batch=4)
+    one = apply(p, t.x, t.y, t.x_query, cfg=cfg)
+    three = apply(p, t.x, t.y, 3.0 * t.x_query, cfg=cfg)
+    np.testing.assert_allclose(three, 3.0 * one, rtol=1e-5, atol=1e-5)
