@@ -1,0 +1,249 @@
+"""Collect a finished sweep into ``sweep_results.csv`` and two figures.
+
+One CSV row per member: every config field, the covariance label, status, final train/eval
+loss, L* (where the closed form holds), the learned one-step numbers (eta, Gamma_eff error vs
+Gamma*) for depth-1 linear members, and two multi-step references evaluated on the member's
+own held-out set:
+
+* ``gd_loss`` / ``gd_eta``: k = depth steps of plain GD from w = 0, one step size eta for all
+  steps, eta picked on a grid (exact LSA weights from ``model.gd_params``);
+* ``pgd_loss`` / ``pgd_scale``: the same with the preconditioner s * Gamma* / (tr Gamma* / d),
+  Gamma* the one-step optimum (closed-form members only). At depth 1 this is ~L*.
+
+Figures (matplotlib Agg): ``loss_vs_depth.png`` (learned eval loss vs depth per covariance /
+noise, GD-k and PGD-k beside it) and ``eta_vs_noise.png`` (learned eta vs eta* = tr(Gamma*)/d).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from icl_gd import analysis, theory
+from icl_gd.checkpoint import Checkpointer
+from icl_gd.config import Config
+from icl_gd.data import covariance_matrix, distribution, prior_covariance
+from icl_gd.model import gd_params
+from icl_gd.sweep import covariance_label, group_key, member_name
+from icl_gd.train import make_eval, run_keys
+
+CSV_NAME = "sweep_results.csv"
+STEP_GRID = np.linspace(0.02, 2.0, 100)  # candidate step sizes / preconditioner scales
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_eval(shape_cfg: Config):
+    """jit(vmap over stacked params) of the held-out loss; cached per static shape."""
+    return jax.jit(jax.vmap(make_eval(shape_cfg), in_axes=(0, None, None)))
+
+
+def _baseline_cfg(cfg: Config) -> Config:
+    """A config GD weights fit into: linear attention, key_size >= d, single-layer weights per step."""
+    return dataclasses.replace(group_key(cfg), attention="linear", key_size=0, tie_weights=False, heads=1,
+                               parameterization="full")
+
+
+def best_step_gd(cfg: Config, direction: np.ndarray) -> tuple[float, float]:
+    """(scale, loss) of the best k = depth steps of GD with preconditioner scale * direction,
+    on the member's held-out set (its eval key), scale from ``STEP_GRID``."""
+    bcfg = _baseline_cfg(cfg)
+    params = [gd_params(bcfg, s * direction) for s in STEP_GRID]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
+    losses = np.asarray(_grid_eval(bcfg)(stacked, distribution(cfg), run_keys(cfg.seed)["eval"]))
+    losses = np.where(np.isfinite(losses), losses, np.inf)
+    i = int(np.argmin(losses))
+    return float(STEP_GRID[i]), float(losses[i])
+
+
+def member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]:
+    """The CSV row of one member (status 'missing' when no checkpoint exists yet)."""
+    workdir = os.path.join(root, member_name(cfg))
+    row: dict[str, Any] = {"name": member_name(cfg), "covariance_label": covariance_label(cfg)}
+    row.update({k: (";".join(f"{v:g}" for v in val) if isinstance(val, list) else val)
+                for k, val in cfg.to_dict().items()})
+    optimum = theory.config_optimum(cfg)
+    if optimum is not None:
+        row["loss_star"] = optimum[1]
+        row["eta_star"] = float(np.trace(optimum[0]) / cfg.d)
+    row["noise_floor"] = cfg.noise**2
+    latest = None
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        ckpt = Checkpointer(workdir, read_only=True)
+        latest = ckpt.latest_step()
+        ckpt.close()
+    if latest is None:
+        row["status"], row["final_step"] = "missing", 0
+    else:
+        from icl_gd.run import load
+
+        run = load(workdir)
+        row["status"] = "finished" if run.step >= cfg.steps else "unfinished"
+        row["final_step"] = run.step
+        if run.metrics:
+            row["train_loss"] = run.metrics[-1]["train_loss"]
+            row["eval_loss"] = run.metrics[-1]["eval_loss"]
+            if optimum is not None:
+                row["eval_over_loss_star"] = row["eval_loss"] / optimum[1]
+        if cfg.depth == 1 and cfg.attention == "linear":
+            gamma = analysis.effective_gamma(run.params, cfg)
+            row["eta_learned"] = float(np.trace(gamma) / cfg.d)
+            if optimum is not None:
+                row["gamma_rel_error"] = analysis.relative_error(gamma, optimum[0])
+    if baselines and cfg.target == "linear":
+        row["gd_eta"], row["gd_loss"] = best_step_gd(cfg, np.eye(cfg.d))
+        if optimum is not None:
+            direction = optimum[0] / (np.trace(optimum[0]) / cfg.d)
+            row["pgd_scale"], row["pgd_loss"] = best_step_gd(cfg, direction)
+    return row
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
+    """All rows, union of columns (config fields first, in row order of appearance)."""
+    columns: list[str] = []
+    for r in rows:
+        columns.extend(k for k in r if k not in columns)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_csv(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(row: dict[str, Any], key: str) -> float:
+    try:
+        return float(row.get(key, "nan"))
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _panel_key(row: dict[str, Any]) -> tuple:
+    return (row["covariance_label"], float(row["noise"]), row["weight_prior"], int(row["d"]), int(row["n"]))
+
+
+def plot_loss_vs_depth(rows: Sequence[dict[str, Any]], path: str) -> None:
+    """One panel per (covariance, noise, prior, d, n): learned loss vs depth (seeds as dots,
+    mean as line) with GD-k, PGD-k, L* and the noise floor sigma^2."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        panels.setdefault(_panel_key(r), []).append(r)
+    keys = sorted(panels)
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        rs = panels[key]
+        depths = sorted({int(r["depth"]) for r in rs})
+        by_depth = {L: [r for r in rs if int(r["depth"]) == L] for L in depths}
+        for L, group_rows in by_depth.items():
+            ys = [_num(r, "eval_loss") for r in group_rows]
+            ax.scatter([L] * len(ys), ys, color="C0", alpha=0.4, s=14)
+        mean = [np.nanmean([_num(r, "eval_loss") for r in by_depth[L]]) for L in depths]
+        ax.plot(depths, mean, "o-", color="C0", label="trained LSA (mean over seeds)")
+        refs = (("gd_loss", "C1", "GD, k=depth steps"), ("pgd_loss", "C2", "PGD (Gamma* dir.), k steps"))
+        for col, color, label in refs:
+            ys = [np.nanmean([_num(r, col) for r in by_depth[L]]) for L in depths]
+            if np.any(np.isfinite(ys)):
+                ax.plot(depths, ys, "s--", color=color, label=label)
+        star = np.nanmean([_num(r, "loss_star") for r in rs])
+        if np.isfinite(star):
+            ax.axhline(star, color="k", ls=":", lw=1, label="L* (best 1 layer)")
+        if key[1] > 0:
+            ax.axhline(key[1] ** 2, color="gray", ls="-.", lw=1, label="noise floor")
+        ax.set_title(f"{key[0]}, noise {key[1]:g}, {key[2]} prior, d={key[3]}, n={key[4]}", fontsize=8)
+        ax.set_xlabel("depth L (= GD steps k)")
+        ax.set_ylabel("held-out loss")
+        ax.set_xticks(depths)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_eta_vs_noise(rows: Sequence[dict[str, Any]], path: str) -> None:
+    """Depth-1 members: learned eta = tr(Gamma_eff)/d vs noise per covariance, with the theory
+    curve eta*(sigma) = tr(Gamma*(sigma))/d drawn on a fine noise grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in rows if int(r["depth"]) == 1 and np.isfinite(_num(r, "eta_learned"))]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    series: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rs:
+        series.setdefault((r["covariance_label"], r["weight_prior"], int(r["d"]), int(r["n"])), []).append(r)
+    for i, (key, srs) in enumerate(sorted(series.items())):
+        color = f"C{i % 10}"
+        noises = sorted({float(r["noise"]) for r in srs})
+        ax.scatter([float(r["noise"]) for r in srs], [_num(r, "eta_learned") for r in srs], color=color,
+                   alpha=0.5, s=16)
+        means = [np.nanmean([_num(r, "eta_learned") for r in srs if float(r["noise"]) == s]) for s in noises]
+        ax.plot(noises, means, "o-", color=color, label=f"learned, {key[0]} ({key[1]}), d={key[2]} n={key[3]}")
+        cfg = _row_config(srs[0])
+        if theory.has_closed_form(cfg):
+            sigma, omega = covariance_matrix(cfg), prior_covariance(cfg)
+            grid = np.linspace(0.0, max(noises) * 1.1 + 1e-9, 50)
+            eta = [np.trace(theory.gamma_star(sigma, omega, cfg.n, s)) / cfg.d for s in grid]
+            ax.plot(grid, eta, "--", color=color, lw=1, label=f"eta* = tr(Gamma*)/d, {key[0]}")
+    ax.set_xlabel("label noise sigma")
+    ax.set_ylabel("eta")
+    ax.set_title("one-layer LSA: learned step size vs theory", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _row_config(row: dict[str, Any]) -> Config:
+    """Rebuild a Config from a CSV-or-dict row (the config fields only)."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        v = row[name]
+        if f.type.startswith("tuple"):
+            v = tuple(float(x) for x in str(v).split(";") if x) if not isinstance(v, (list, tuple)) else tuple(v)
+        elif f.type == "bool":
+            v = v if isinstance(v, bool) else str(v) == "True"
+        elif f.type == "int":
+            v = int(v)
+        elif f.type == "float":
+            v = float(v)
+        values[name] = v
+    return Config(**values)
+
+
+def aggregate(members: Sequence[Config], root: str, baselines: bool = True) -> dict[str, str]:
+    """Write ``ROOT/sweep_results.csv`` and the figures; returns their paths."""
+    rows = [member_row(cfg, root, baselines) for cfg in members]
+    paths = {"csv": os.path.join(root, CSV_NAME), "loss_vs_depth": os.path.join(root, "loss_vs_depth.png"),
+             "eta_vs_noise": os.path.join(root, "eta_vs_noise.png")}
+    write_csv(rows, paths["csv"])
+    plot_loss_vs_depth(rows, paths["loss_vs_depth"])
+    if any(int(r["depth"]) == 1 and np.isfinite(_num(r, "eta_learned")) for r in rows):
+        plot_eta_vs_noise(rows, paths["eta_vs_noise"])
+    else:
+        del paths["eta_vs_noise"]
+    return paths
