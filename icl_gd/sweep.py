@@ -125,6 +125,18 @@ def expand(base: Config, axes: Axes) -> list[Config]:
     return out
 
 
+def expand_union(base: Config, grids: Sequence[Axes]) -> list[Config]:
+    """Members of several grids (e.g. a seeds x noise grid plus a depth line), duplicates collapsed."""
+    out: list[Config] = []
+    seen: set[Config] = set()
+    for axes in grids:
+        for cfg in expand(base, axes):
+            if cfg not in seen:
+                seen.add(cfg)
+                out.append(cfg)
+    return out
+
+
 def config_hash(cfg: Config) -> str:
     """8 hex digits over every field that changes training (not the OPERATIONAL_FIELDS)."""
     data = {k: v for k, v in cfg.to_dict().items() if k not in OPERATIONAL_FIELDS}

@@ -37,6 +37,9 @@ flags.DEFINE_list("seeds", [], "Seed axis (ints). Empty: --seed.")
 flags.DEFINE_list("ns", [], "Context-length axis (ints). Empty: --n.")
 flags.DEFINE_list("ds", [], "Dimension axis (ints). Empty: --d.")
 flags.DEFINE_list("weight_priors", [], "Weight-prior axis (identity, inverse). Empty: --weight_prior.")
+flags.DEFINE_multi_string("also", [], "An extra sub-grid, unioned with the main one: space-separated "
+                          "axis=v1,v2 overrides of the axis flags, e.g. --also='depths=2,3 covariances=isotropic'. "
+                          "Repeatable.")
 flags.DEFINE_integer("num_shards", 1, "Split the grid into this many deterministic slices.")
 flags.DEFINE_integer("shard_index", None, "Slice to run; default $SLURM_ARRAY_TASK_ID, else 0.")
 flags.DEFINE_boolean("only_aggregate", False, "Skip training; write the CSV and figures from what exists.")
@@ -64,13 +67,14 @@ FIELD_TO_AXIS = {"covariance": "covariances", "cond": "covariances", "eigenvalue
                  "weight_prior": "weight_priors"}
 
 
-def parse_axes():
-    """The ``Axes`` from the list flags; ConfigError naming the flag on a bad entry."""
+def parse_axes(overrides: dict[str, list[str]] | None = None):
+    """The ``Axes`` from the list flags (with ``overrides``); ConfigError naming the flag on a bad entry."""
     from icl_gd.sweep import Axes
 
     values = {}
     for name, kind in AXIS_FLAGS.items():
-        raw = [v.strip() for v in FLAGS[name].value if v.strip()]
+        given = (overrides or {}).get(name, FLAGS[name].value)
+        raw = [v.strip() for v in given if v.strip()]
         if kind is None or kind is str:
             values[name] = tuple(raw)
             continue
@@ -81,14 +85,25 @@ def parse_axes():
     return Axes(**values)
 
 
+def parse_also(spec: str) -> dict[str, list[str]]:
+    """'depths=2,3 covariances=isotropic' -> {'depths': ['2', '3'], 'covariances': ['isotropic']}."""
+    out = {}
+    for part in spec.split():
+        name, sep, value = part.partition("=")
+        if not sep or name not in AXIS_FLAGS:
+            raise ConfigError("also", spec, f"entries are axis=v1,v2 with axis one of {', '.join(AXIS_FLAGS)}")
+        out[name] = value.split(",")
+    return out
+
+
 def grid():
     """(all members, this invocation's slice) from the flags; everything validated here."""
     from icl_gd import cluster, sweep
 
     base = config_from_flags()
-    axes = parse_axes()
+    grids = [parse_axes()] + [parse_axes(parse_also(spec)) for spec in FLAGS.also]
     try:
-        members = sweep.expand(base, axes)
+        members = sweep.expand_union(base, grids)
     except ConfigError as e:
         axis = FIELD_TO_AXIS.get(e.field)
         if axis and FLAGS[axis].value:
@@ -107,8 +122,15 @@ def grid_args() -> list[str]:
 
     from icl_gd.config import Config
 
-    grid_flags = {f.name for f in dataclasses.fields(Config)} | set(AXIS_FLAGS) | {"aggregate", "baselines"}
-    out = [FLAGS[name].serialize() for name in sorted(grid_flags) if FLAGS[name].present]
+    grid_flags = {f.name for f in dataclasses.fields(Config)} | set(AXIS_FLAGS) | {"also", "aggregate", "baselines"}
+    out = []
+    for name in sorted(grid_flags):
+        if not FLAGS[name].present:
+            continue
+        if name == "also":  # a multi flag: one argument per occurrence
+            out += [f"--also={spec}" for spec in FLAGS.also]
+        else:
+            out.append(FLAGS[name].serialize())
     return [f"--workdir={os.path.abspath(FLAGS.workdir)}", *out]
 
 
