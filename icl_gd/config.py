@@ -51,7 +51,7 @@ class Config:
     rotation_seed: int = _f(0, "Seed of the random rotation of Sigma.")
     x_dist: str = _f("gaussian", f"Law of the covariates, all with E[x x^T] = Sigma: one of {X_DISTS}.")
     dof: float = _f(5.0, "Degrees of freedom of --x_dist=student_t (heavy-tailed radius); must be > 2.")
-    weight_prior: str = _f("identity", f"Prior of w: identity (N(0, I)) or inverse (N(0, Sigma^-1)); one of {WEIGHT_PRIORS}.")
+    weight_prior: str = _f("identity", "Prior of w: identity (w ~ N(0, I)) or inverse (w ~ N(0, Sigma^-1)).")
     noise: float = _f(0.0, "Label noise std sigma (eps ~ N(0, sigma^2) on every pair, the query included).")
     target: str = _f("linear", f"Target family f(x): one of {TARGETS}.")
     relu_width: int = _f(16, "Hidden width of the random two-layer ReLU target (--target=relu_net).")

@@ -8,9 +8,11 @@ A run resumed from step t therefore sees exactly the tasks the uninterrupted run
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -137,8 +139,21 @@ def one_step_summary(cfg: Config, params: Params) -> dict:
     return out
 
 
-def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = logging.info) -> TrainResult:
-    """Train (or resume) one run; checkpoints go to ``workdir`` when given."""
+@functools.lru_cache(maxsize=8)
+def _programs(cfg: Config) -> tuple[Callable, Callable, dict[int, Any]]:
+    """Jitted train chunk, jitted eval and a {length: executable} cache, shared by every
+    ``train`` call with this config in the process (resumes and tests skip recompiling)."""
+    chunk = jax.jit(make_train_chunk(cfg, make_optimizer(cfg)), static_argnames="length", donate_argnums=0)
+    return chunk, jax.jit(make_eval(cfg)), {}
+
+
+def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = logging.info,
+          until: int | None = None) -> TrainResult:
+    """Train (or resume) one run; checkpoints go to ``workdir`` when given.
+
+    ``until`` stops early at that step (saving a checkpoint there), e.g. for time-sliced jobs;
+    calling again resumes exactly where it stopped.
+    """
     cfg.validate()
     optimizer = make_optimizer(cfg)
     keys = run_keys(cfg.seed)
@@ -157,14 +172,13 @@ def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = 
     dist = distribution(cfg)
     optimum = theory.config_optimum(cfg)
     loss_star = None if optimum is None else optimum[1]
-    chunk = jax.jit(make_train_chunk(cfg, optimizer), static_argnames="length", donate_argnums=0)
-    eval_fn = jax.jit(make_eval(cfg))
-    compiled: dict[int, Any] = {}
+    chunk, eval_fn, compiled = _programs(cfg)
 
     step = int(state.step)
+    stop = cfg.steps if until is None else min(until, cfg.steps)
     t_start = time.perf_counter()
-    while step < cfg.steps:
-        nxt = min(cfg.steps, (step // cfg.log_every + 1) * cfg.log_every,
+    while step < stop:
+        nxt = min(stop, (step // cfg.log_every + 1) * cfg.log_every,
                   (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
         length = nxt - step
         if length not in compiled:
@@ -199,7 +213,7 @@ def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = 
         star = f"  L*={loss_star:.4f}" if loss_star is not None else ""
         log(f"step {step:>7d}  train {record['train_loss']:.4f}  eval {eval_loss:.4f}{star}  "
             f"{record['steps_per_sec']:.1f} steps/s  {record['tasks_per_sec']:.3g} tasks/s")
-        if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+        if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == stop):
             ckpt.save(step, state, cfg, history)
 
     summary = {"steps": int(state.step), "wall_seconds": time.perf_counter() - t_start}

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from icl_gd import model
 from icl_gd.config import Config
 from icl_gd.data import TaskSpec, distribution, sample_tasks
-from icl_gd import model
 from icl_gd.model import gd_params, init_params, masks
 
 # One compile per config instead of eager op-by-op dispatch (Config is hashable).
