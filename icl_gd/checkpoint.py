@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import orbax.checkpoint as ocp
+from absl import logging
 
-from icl_gd.config import Config
+from icl_gd.config import Config, ConfigMismatchError
 
-
-class ConfigMismatchError(ValueError):
-    """The workdir holds a run trained with a different config."""
+__all__ = ["Checkpointer", "ConfigMismatchError", "check_same_run", "read_config", "write_config"]
 
 
 def _manager(workdir: str, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
@@ -36,6 +36,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int | None = None, read_only: bool = False):
         self.workdir = workdir
+        self._read_only = read_only
         self._mgr = _manager(workdir, keep, read_only)
 
     def latest_step(self) -> int | None:
@@ -61,8 +62,36 @@ class Checkpointer:
         return Config.from_dict(dict(out["config"]))
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, Config, list[dict]]:
-        """(state, config, metrics history) at ``step`` (default: latest); ``template`` gives the tree."""
-        step = self.latest_step() if step is None else step
+        """(state, config, metrics history) at ``step``; ``template`` gives the tree.
+
+        With ``step=None``, the newest checkpoint that reads back whole: a truncated or partly
+        written one is moved aside to ``WORKDIR/corrupt/<step>`` (kept, not deleted) with a
+        warning, and the previous one is tried.
+        """
+        if step is not None:
+            return self._restore(template, step)
+        for candidate in sorted(self.all_steps(), reverse=True):
+            try:
+                return self._restore(template, candidate)
+            except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+                self._quarantine(candidate, e)
+        raise FileNotFoundError(f"no readable checkpoint under {self.workdir}/checkpoints")
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        src = os.path.join(os.path.abspath(self.workdir), "checkpoints", str(step))
+        dst = os.path.join(os.path.abspath(self.workdir), "corrupt", str(step))
+        if self._read_only:
+            logging.warning("checkpoint step %d in %s is unreadable (%s); using an older one", step, self.workdir,
+                            _short(error))
+            return
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.move(src, dst)
+        self._mgr.reload()
+        logging.warning("checkpoint step %d in %s is unreadable (%s); moved it to %s and fell back to an "
+                        "older one", step, self.workdir, _short(error), dst)
+
+    def _restore(self, template: Any, step: int) -> tuple[Any, Config, list[dict]]:
         out = self._mgr.restore(
             step,
             args=ocp.args.Composite(
@@ -105,3 +134,8 @@ def check_same_run(workdir: str, cfg: Config) -> None:
             f"{workdir} already holds a run with a different config ({lines}); "
             "use a new --workdir or the stored values"
         )
+
+
+def _short(error: Exception) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) < 200 else text[:197] + "..."

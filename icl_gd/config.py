@@ -33,6 +33,10 @@ class ConfigError(ValueError):
         super().__init__(f"--{field}={value!r} is invalid: {allowed}")
 
 
+class ConfigMismatchError(ValueError):
+    """The workdir holds a run trained with a different config."""
+
+
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors absl's argument name
     return dataclasses.field(default=default, metadata={"help": help})
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icl_gd.checkpoint import Checkpointer
+from icl_gd.checkpoint import Checkpointer, read_config
 from icl_gd.config import Config
 from icl_gd.data import covariance_matrix, prior_covariance
 from icl_gd.model import Params, apply
@@ -61,7 +61,8 @@ def load(workdir: str, step: int | None = None) -> Run:
     ckpt = Checkpointer(workdir, read_only=True)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-    cfg = ckpt.restore_config(step)
+    cfg = read_config(workdir) if step is None else None
+    cfg = cfg or ckpt.restore_config(step)
     template = init_state(cfg)
     state, cfg, history = ckpt.restore(template, step)
     state = TrainState(*state) if not isinstance(state, TrainState) else state

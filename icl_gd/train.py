@@ -7,11 +7,14 @@ A run resumed from step t therefore sees exactly the tasks the uninterrupted run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -38,6 +41,24 @@ class TrainState(NamedTuple):
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/Inf loss; the last good checkpoint was kept."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived (pre-emption): a checkpoint was saved and the run stopped cleanly."""
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[dict[str, bool]]:
+    """Turn SIGTERM into a flag the loop checks at each compiled-call boundary."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.__setitem__("set", True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclasses.dataclass
@@ -152,8 +173,16 @@ def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = 
     """Train (or resume) one run; checkpoints go to ``workdir`` when given.
 
     ``until`` stops early at that step (saving a checkpoint there), e.g. for time-sliced jobs;
-    calling again resumes exactly where it stopped.
+    calling again resumes exactly where it stopped. SIGTERM saves a checkpoint at the end of
+    the current compiled call and raises ``Preempted``; a NaN/Inf loss raises
+    ``NonFiniteLossError`` without saving, so the last good checkpoint stays the latest.
     """
+    with _sigterm_flag() as sigterm:
+        return _train(cfg, workdir, log, until, sigterm)
+
+
+def _train(cfg: Config, workdir: str | None, log: Callable[[str], None], until: int | None,
+           sigterm: dict[str, bool]) -> TrainResult:
     cfg.validate()
     optimizer = make_optimizer(cfg)
     keys = run_keys(cfg.seed)
@@ -213,8 +242,13 @@ def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = 
         star = f"  L*={loss_star:.4f}" if loss_star is not None else ""
         log(f"step {step:>7d}  train {record['train_loss']:.4f}  eval {eval_loss:.4f}{star}  "
             f"{record['steps_per_sec']:.1f} steps/s  {record['tasks_per_sec']:.3g} tasks/s")
-        if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == stop):
+        if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == stop or sigterm["set"]):
             ckpt.save(step, state, cfg, history)
+        if sigterm["set"] and step < stop:
+            if ckpt is not None:
+                ckpt.close()
+            raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {workdir}; "
+                            "re-run the same command to resume")
 
     summary = {"steps": int(state.step), "wall_seconds": time.perf_counter() - t_start}
     if history:

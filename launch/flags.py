@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from absl import flags, logging
 
@@ -49,3 +50,15 @@ def config_from_flags(**overrides) -> Config:
         values[f.name] = value
     values.update(overrides)
     return Config(**values).validate()
+
+
+def check_workdir(workdir: str, flag: str = "workdir") -> None:
+    """The run directory must be creatable and writable; raise ConfigError naming the flag."""
+    if not workdir:
+        raise ConfigError(flag, workdir, "must be a directory path")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(flag, workdir, f"cannot create it ({e.strerror})") from e
+    if not os.path.isdir(workdir) or not os.access(workdir, os.W_OK | os.X_OK):
+        raise ConfigError(flag, workdir, "must be a writable directory")

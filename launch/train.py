@@ -11,9 +11,8 @@ import sys
 
 from absl import app, flags, logging
 
-from icl_gd.checkpoint import ConfigMismatchError
-from icl_gd.config import ConfigError
-from launch.flags import config_from_flags, define_config_flags, quiet_library_logs
+from icl_gd.config import ConfigError, ConfigMismatchError
+from launch.flags import check_workdir, config_from_flags, define_config_flags, quiet_library_logs
 
 define_config_flags()
 flags.DEFINE_string("workdir", "runs/default", "Run directory (checkpoints, config.json).")
@@ -45,18 +44,26 @@ def report(summary: dict, cfg) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from icl_gd.train import NonFiniteLossError, train  # after flag parsing: fast --help
+    try:  # validate every flag before JAX is even imported
+        cfg = config_from_flags()
+        check_workdir(FLAGS.workdir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from icl_gd.train import NonFiniteLossError, Preempted, train
 
     quiet_library_logs()
     try:
-        cfg = config_from_flags()
         result = train(cfg, FLAGS.workdir)
-    except (ConfigError, ConfigMismatchError) as e:
+    except ConfigMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as schedulers expect of a terminated job
     logging.info("summary: %s", result.summary)
     print(report(result.summary, cfg))
     print(f"checkpoint: {FLAGS.workdir}  (open it with: run = icl_gd.load({FLAGS.workdir!r}))")

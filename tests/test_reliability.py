@@ -1,0 +1,164 @@
+"""Fault injection with real processes: SIGKILL, SIGTERM, corrupt checkpoints, NaNs, bad flags."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import icl_gd
+from icl_gd.checkpoint import Checkpointer
+from icl_gd.config import Config
+from icl_gd.train import NonFiniteLossError, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_FLAGS = ["--d=3", "--n=5", "--batch_size=128", "--steps=1500", "--log_every=50", "--checkpoint_every=50",
+             "--eval_tasks=128", "--noise=0.3"]
+
+
+def _cmd(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def _launch(workdir, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(_cmd("launch.train", f"--workdir={workdir}", *RUN_FLAGS, *extra), cwd=ROOT,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _assert_same_state(a_dir, b_dir) -> None:
+    a, b = icl_gd.load(str(a_dir)), icl_gd.load(str(b_dir))
+    assert a.step == b.step == 1500
+    for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert [m["step"] for m in a.metrics] == [m["step"] for m in b.metrics]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    proc = _launch(workdir)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return workdir
+
+
+def _latest(workdir) -> int | None:
+    path = os.path.join(workdir, "checkpoints")
+    steps = [int(s) for s in os.listdir(path) if s.isdigit()] if os.path.isdir(path) else []
+    return max(steps) if steps else None
+
+
+def test_sigkill_at_random_points_then_resume_is_bitwise_exact(straight, tmp_path):
+    rng = random.Random(1234)
+    kills = []
+    for _ in range(3):
+        proc = _launch(tmp_path)
+        time.sleep(rng.uniform(2.0, 6.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        kills.append((proc.returncode, _latest(tmp_path)))
+    proc = _launch(tmp_path)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert any(code == -signal.SIGKILL for code, _ in kills), kills  # at least one kill landed mid-run
+    _assert_same_state(straight, tmp_path)
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(straight, tmp_path):
+    proc = _launch(tmp_path)
+    deadline = time.time() + 300
+    while _latest(tmp_path) is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before SIGTERM arrived")
+    assert proc.returncode == 143, err
+    assert "SIGTERM at step" in err and "Traceback" not in err
+    stopped_at = _latest(tmp_path)
+    assert stopped_at is not None and stopped_at < 1500
+    proc = _launch(tmp_path)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    _assert_same_state(straight, tmp_path)
+
+
+def _cfg(**kw) -> Config:
+    base = dict(d=3, n=5, batch_size=32, steps=200, log_every=50, checkpoint_every=50, eval_tasks=64)
+    return Config(**{**base, **kw})
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    cfg = _cfg()
+    reference = train(cfg)
+    train(cfg, str(tmp_path), until=150)
+    state_dir = tmp_path / "checkpoints" / "150" / "state"
+    truncated = 0
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            size = os.path.getsize(path)
+            with open(path, "r+b") as f:
+                f.truncate(size // 2)
+            truncated += 1
+    assert truncated > 0
+    assert icl_gd.load(str(tmp_path)).step == 100  # read-only fallback, with a warning
+    resumed = train(cfg, str(tmp_path))
+    assert (tmp_path / "corrupt" / "150").is_dir()  # kept aside, not deleted
+    for a, b in zip(jax.tree.leaves(reference.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    # Plain SGD whose learning rate warms up from 0 to a too-large 0.1: early steps are fine and
+    # checkpointed every 50 steps, the quartic model then diverges (NaN near step 250).
+    cfg = _cfg(steps=400, optimizer="sgd", schedule="warmup_cosine", warmup_steps=300, lr=0.1)
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg, str(tmp_path))
+    msg = str(err.value)
+    assert "non-finite training loss at step" in msg and "lower --lr" in msg
+    kept = Checkpointer(str(tmp_path), read_only=True).all_steps()
+    assert kept and max(kept) < 400, "at least one good checkpoint must exist"
+    assert f"last good checkpoint kept: step {max(kept)}" in msg
+    run = icl_gd.load(str(tmp_path))
+    assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves((run.params, run.opt_state)))
+
+
+BAD_TRAIN_FLAGS = [
+    ("--d=0", "--d"), ("--n=0", "--n"), ("--depth=0", "--depth"), ("--heads=0", "--heads"),
+    ("--noise=-0.5", "--noise"), ("--noise=nan", "--noise"), ("--lr=0", "--lr"), ("--lr=-1e-3", "--lr"),
+    ("--batch_size=0", "--batch_size"), ("--steps=0", "--steps"), ("--cond=0.5", "--cond"),
+    ("--eval_tasks=0", "--eval_tasks"), ("--covariance=banana", "--covariance"),
+    ("--target=quadratic", "--target"), ("--optimizer=lbfgs", "--optimizer"), ("--x_dist=cauchy", "--x_dist"),
+    ("--weight_prior=laplace", "--weight_prior"), ("--parameterization=dense", "--parameterization"),
+    ("--attention=relu", "--attention"), ("--schedule=step", "--schedule"), ("--dof=2", "--dof"),
+    ("--init_scale=0", "--init_scale"), ("--key_size=-1", "--key_size"), ("--clip_norm=-1", "--clip_norm"),
+    ("--weight_decay=0.1", "--weight_decay"), ("--log_every=0", "--log_every"),
+    ("--checkpoint_every=0", "--checkpoint_every"),
+    ("--covariance=eigenvalues --eigenvalues=1,2", "--eigenvalues"),
+    ("--covariance=eigenvalues --eigenvalues=1,2,3,4,-1", "--eigenvalues"),
+    ("--covariance=eigenvalues --eigenvalues=1,x,3,4,5", "--eigenvalues"),
+    ("--schedule=warmup_cosine --warmup_steps=5000 --steps=100", "--warmup_steps"),
+    ("--d=abc", "--d"), ("--workdir=/proc/icl-gd-cannot-exist", "--workdir"),
+]
+
+
+@pytest.mark.parametrize("flags,name", BAD_TRAIN_FLAGS)
+def test_bad_train_flags_get_one_clear_line(tmp_path, flags, name):
+    args = flags.split()
+    if not any(a.startswith("--workdir") for a in args):
+        args.append(f"--workdir={tmp_path}")
+    out = subprocess.run(_cmd("launch.train", *args), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0
+    assert name in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")  # nothing compiled, nothing written
