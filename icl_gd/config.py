@@ -78,7 +78,7 @@ class Config:
     steps: int = _f(4000, "Training steps.")
     seed: int = _f(0, "Seed of initialisation, training tasks and the held-out set.")
     # --- bookkeeping ---------------------------------------------------------------------
-    eval_tasks: int = _f(32768, "Size of the fixed held-out evaluation set.")
+    eval_tasks: int = _f(65536, "Size of the fixed held-out evaluation set.")
     log_every: int = _f(500, "Steps per compiled call; metrics are logged at these boundaries.")
     checkpoint_every: int = _f(1000, "Save a checkpoint every this many steps (and at the end).")
     keep_checkpoints: int = _f(3, "How many recent checkpoints to keep.")
