@@ -37,12 +37,15 @@ from icl_gd.sweep import covariance_label, group_key, member_name
 from icl_gd.train import make_eval, run_keys
 
 CSV_NAME = "sweep_results.csv"
-STEP_GRID = np.linspace(0.02, 2.0, 100)  # candidate step sizes / preconditioner scales
+COARSE_GRID = np.linspace(0.05, 2.0, 40)  # candidate step sizes / preconditioner scales
+FINE_POINTS = 9  # then this many around the coarse optimum
+BASELINE_TASKS = 4096  # held-out tasks for the references: the first chunk of the member's eval set
 
 
 @functools.lru_cache(maxsize=64)
-def _grid_eval(shape_cfg: Config):
-    """jit(vmap over stacked params) of the held-out loss; cached per static shape."""
+def _grid_eval(shape_cfg: Config, grid_size: int):
+    """jit(vmap over stacked params) of the held-out loss; cached per static shape and grid size."""
+    del grid_size  # part of the cache key only: one jit (one compile) per stacked shape
     return jax.jit(jax.vmap(make_eval(shape_cfg), in_axes=(0, None, None)))
 
 
@@ -53,15 +56,24 @@ def _baseline_cfg(cfg: Config) -> Config:
 
 
 def best_step_gd(cfg: Config, direction: np.ndarray) -> tuple[float, float]:
-    """(scale, loss) of the best k = depth steps of GD with preconditioner scale * direction,
-    on the member's held-out set (its eval key), scale from ``STEP_GRID``."""
-    bcfg = _baseline_cfg(cfg)
-    params = [gd_params(bcfg, s * direction) for s in STEP_GRID]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
-    losses = np.asarray(_grid_eval(bcfg)(stacked, distribution(cfg), run_keys(cfg.seed)["eval"]))
-    losses = np.where(np.isfinite(losses), losses, np.inf)
-    i = int(np.argmin(losses))
-    return float(STEP_GRID[i]), float(losses[i])
+    """(scale, loss) of the best k = depth steps of GD with preconditioner scale * direction, on
+    (the first ``BASELINE_TASKS`` of) the member's held-out set; scale by a coarse then a fine grid."""
+    bcfg = dataclasses.replace(_baseline_cfg(cfg), eval_tasks=min(cfg.eval_tasks, BASELINE_TASKS))
+    dist, key = distribution(cfg), run_keys(cfg.seed)["eval"]
+
+    def losses(grid: np.ndarray) -> np.ndarray:
+        params = [gd_params(bcfg, s * direction) for s in grid]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
+        out = np.asarray(_grid_eval(bcfg, len(grid))(stacked, dist, key))
+        return np.where(np.isfinite(out), out, np.inf)
+
+    coarse = losses(COARSE_GRID)
+    i = int(np.argmin(coarse))
+    step = COARSE_GRID[1] - COARSE_GRID[0]
+    fine_grid = np.linspace(max(COARSE_GRID[i] - step, 1e-3), COARSE_GRID[i] + step, FINE_POINTS)
+    fine = losses(fine_grid)
+    j = int(np.argmin(fine))
+    return (float(fine_grid[j]), float(fine[j])) if fine[j] < coarse[i] else (float(COARSE_GRID[i]), float(coarse[i]))
 
 
 def member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]:
