@@ -7,8 +7,8 @@ own held-out set:
 
 * ``gd_loss`` / ``gd_eta``: k = depth steps of plain GD from w = 0, one step size eta for all
   steps, eta picked on a grid (exact LSA weights from ``model.gd_params``);
-* ``pgd_loss`` / ``pgd_scale``: the same with the preconditioner s * Gamma* / (tr Gamma* / d),
-  Gamma* the one-step optimum (closed-form members only). At depth 1 this is ~L*.
+* ``pgd_loss`` / ``pgd_scale``: the same with the preconditioner s * Gamma*, Gamma* the
+  one-step optimum (closed-form members only). At depth 1 this is s ~ 1 and loss ~ L*.
 
 Figures (matplotlib Agg): ``loss_vs_depth.png`` (learned eval loss vs depth per covariance /
 noise, GD-k and PGD-k beside it) and ``eta_vs_noise.png`` (learned eta vs eta* = tr(Gamma*)/d).
@@ -37,7 +37,7 @@ from icl_gd.sweep import covariance_label, group_key, member_name
 from icl_gd.train import make_eval, run_keys
 
 CSV_NAME = "sweep_results.csv"
-COARSE_GRID = np.linspace(0.05, 2.0, 40)  # candidate step sizes / preconditioner scales
+COARSE_GRID = np.linspace(0.05, 3.0, 60)  # candidate step sizes / preconditioner scales
 FINE_POINTS = 9  # then this many around the coarse optimum
 BASELINE_TASKS = 4096  # held-out tasks for the references: the first chunk of the member's eval set
 
@@ -113,8 +113,7 @@ def member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]
     if baselines and cfg.target == "linear":
         row["gd_eta"], row["gd_loss"] = best_step_gd(cfg, np.eye(cfg.d))
         if optimum is not None:
-            direction = optimum[0] / (np.trace(optimum[0]) / cfg.d)
-            row["pgd_scale"], row["pgd_loss"] = best_step_gd(cfg, direction)
+            row["pgd_scale"], row["pgd_loss"] = best_step_gd(cfg, optimum[0])
     return row
 
 
@@ -171,7 +170,7 @@ def plot_loss_vs_depth(rows: Sequence[dict[str, Any]], path: str) -> None:
             ax.scatter([L] * len(ys), ys, color="C0", alpha=0.4, s=14)
         mean = [np.nanmean([_num(r, "eval_loss") for r in by_depth[L]]) for L in depths]
         ax.plot(depths, mean, "o-", color="C0", label="trained LSA (mean over seeds)")
-        refs = (("gd_loss", "C1", "GD, k=depth steps"), ("pgd_loss", "C2", "PGD (Gamma* dir.), k steps"))
+        refs = (("gd_loss", "C1", "GD, k=depth steps"), ("pgd_loss", "C2", "PGD (s Gamma*), k steps"))
         for col, color, label in refs:
             ys = [np.nanmean([_num(r, col) for r in by_depth[L]]) for L in depths]
             if np.any(np.isfinite(ys)):
@@ -247,11 +246,17 @@ def _row_config(row: dict[str, Any]) -> Config:
     return Config(**values)
 
 
-def aggregate(members: Sequence[Config], root: str, baselines: bool = True) -> dict[str, str]:
-    """Write ``ROOT/sweep_results.csv`` and the figures; returns their paths."""
+def aggregate(members: Sequence[Config], root: str, baselines: bool = True, write: bool = True) -> dict[str, str]:
+    """Write ``ROOT/sweep_results.csv`` and the figures; returns their paths.
+
+    Under jax.distributed every process must call this (orbax reads synchronise across
+    processes); pass ``write`` on one process only.
+    """
     rows = [member_row(cfg, root, baselines) for cfg in members]
     paths = {"csv": os.path.join(root, CSV_NAME), "loss_vs_depth": os.path.join(root, "loss_vs_depth.png"),
              "eta_vs_noise": os.path.join(root, "eta_vs_noise.png")}
+    if not write:
+        return paths
     write_csv(rows, paths["csv"])
     plot_loss_vs_depth(rows, paths["loss_vs_depth"])
     if any(int(r["depth"]) == 1 and np.isfinite(_num(r, "eta_learned")) for r in rows):

@@ -47,7 +47,7 @@ import numpy as np
 from absl import logging
 
 from icl_gd import theory
-from icl_gd.checkpoint import Checkpointer, check_same_run, write_config
+from icl_gd.checkpoint import Checkpointer, check_same_run, read_config, write_config
 from icl_gd.config import OPERATIONAL_FIELDS, Config, ConfigError
 from icl_gd.data import distribution
 from icl_gd.train import TrainState, init_state, make_eval, make_optimizer, make_train_chunk, run_keys
@@ -274,8 +274,9 @@ def _open_member(cfg: Config, root: str, log: Callable[[str], None]) -> _Active 
     """Check, create or resume one member's folder; a MemberResult if it is already finished."""
     workdir = os.path.join(root, member_name(cfg))
     check_same_run(workdir, cfg)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and read_config(workdir) is None:  # never rewrite a finished member's files
         write_config(workdir, cfg)
+    _barrier(f"sweep-config-{member_name(cfg)}")
     ckpt = Checkpointer(workdir, keep=cfg.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None and latest >= cfg.steps:

@@ -189,11 +189,14 @@ def main(argv: list[str]) -> None:
             if counts.get("failed"):
                 sys.exit(3)
         whole = len(mine) == len(members)
-        if (FLAGS.only_aggregate or (FLAGS.aggregate and whole)) and jax.process_index() == 0:
+        if FLAGS.only_aggregate or (FLAGS.aggregate and whole):
             from icl_gd import aggregate
 
-            paths = aggregate.aggregate(members, FLAGS.workdir, baselines=FLAGS.baselines)
-            print("aggregated: " + "  ".join(paths.values()))
+            # Every process reads (orbax synchronises reads across processes); process 0 writes.
+            lead = jax.process_index() == 0
+            paths = aggregate.aggregate(members, FLAGS.workdir, baselines=FLAGS.baselines, write=lead)
+            if lead:
+                print("aggregated: " + "  ".join(paths.values()))
     except (ConfigError, ConfigMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
