@@ -1,17 +1,36 @@
-"""Closed forms for the one-layer (one-step) predictor yhat = (1/n) x_q^T Gamma X^T y.
+"""What the theory says a trained LSA should compute, and how well it can do.
 
 Setting: x ~ N(0, Sigma), w ~ N(0, Omega), y = x^T w + eps, eps ~ N(0, sigma^2) on every pair.
-Write g = (1/n) X^T y. Everything below is exact (float64 NumPy), no Monte Carlo.
+The one-layer predictor is yhat = (1/n) x_q^T Gamma X^T y = x_q^T Gamma g with g = (1/n) X^T y.
+
+* Closed forms (float64 NumPy, exact): ``second_moment``, ``loss_of_gamma``, ``gamma_star``,
+  ``loss_star``, ``best_scale`` and the special cases ``eta_star``, ``isotropic_loss_star``,
+  ``inverse_prior_gamma_star``, ``ahn_preconditioner``.
+* Monte Carlo, for any distribution ``data.sample_tasks`` can draw (sphere / Student-t x,
+  nonlinear targets) where no closed form exists: ``mc_gamma_star`` (normal equations over
+  vec(Gamma), with batch-means standard errors) and ``mc_loss``.
+* Multi-step references: ``pgd_predict`` (k steps of preconditioned GD) and
+  ``optimal_step_sizes`` (one step size per step, tuned by L-BFGS on a fixed MC sample).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from icl_gd.config import Config
-from icl_gd.data import covariance_matrix, prior_covariance
+from icl_gd.data import Distribution, Tasks, TaskSpec, covariance_matrix, prior_covariance, sample_tasks
 
 
+# ---------------------------------------------------------------------------------------
+# Exact closed forms (Gaussian x, linear target).
+# ---------------------------------------------------------------------------------------
 def second_moment(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float) -> np.ndarray:
     """S = E[g g^T] for g = (1/n) X^T y.
 
@@ -20,6 +39,8 @@ def second_moment(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float) ->
     and the noise adds (sigma^2 / n) Sigma:
 
         S = (n+1)/n Sigma Omega Sigma + (tr(Omega Sigma) + sigma^2)/n Sigma.
+
+    (Mahankali et al. 2023, proof of Thm. 2 / Lemma D.2; Ahn et al. 2023, Lemma 6.)
     """
     tr = float(np.trace(omega @ sigma))
     return (n + 1) / n * sigma @ omega @ sigma + (tr + noise**2) / n * sigma
@@ -38,7 +59,11 @@ def loss_of_gamma(gamma: np.ndarray, sigma: np.ndarray, omega: np.ndarray, n: in
 
 
 def gamma_star(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float) -> np.ndarray:
-    """The minimiser of ``loss_of_gamma``: Sigma Gamma S = Sigma Omega Sigma => Gamma* = Omega Sigma S^-1."""
+    """The minimiser of ``loss_of_gamma``: Sigma Gamma S = Sigma Omega Sigma => Gamma* = Omega Sigma S^-1.
+
+    (Setting d L / d Gamma = 2 Sigma Gamma S - 2 Sigma Omega Sigma to zero; L is strictly convex
+    in Gamma since Sigma, S > 0. Mahankali et al. 2023, Thm. 2 for Omega = Sigma^-1.)
+    """
     s = second_moment(sigma, omega, n, noise)
     return np.linalg.solve(s.T, (omega @ sigma).T).T
 
@@ -48,14 +73,33 @@ def loss_star(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float) -> flo
     return loss_of_gamma(gamma_star(sigma, omega, n, noise), sigma, omega, n, noise)
 
 
+def best_scale(precond: np.ndarray, sigma: np.ndarray, omega: np.ndarray, n: int, noise: float) -> float:
+    """argmin_c L(c P) = tr(Sigma P Sigma Omega) / tr(Sigma P S P^T): the tuned step of one GD step
+    with preconditioner P (L(cP) is the quadratic c^2 tr(Sigma P S P^T) - 2c tr(Sigma P Sigma Omega) + const,
+    from eq. (4.1) of Mahankali et al. 2023 as in ``loss_of_gamma``)."""
+    s = second_moment(sigma, omega, n, noise)
+    return float(np.trace(sigma @ precond @ sigma @ omega) / np.trace(sigma @ precond @ s @ precond.T))
+
+
 def eta_star(n: int, d: int, noise: float) -> float:
     """Optimal GD step for Sigma = Omega = I: eta* = n / (n + d + 1 + sigma^2) (Mahankali et al., Thm. 1)."""
     return n / (n + d + 1 + noise**2)
 
 
 def isotropic_loss_star(n: int, d: int, noise: float) -> float:
-    """L* = sigma^2 + d (d + 1 + sigma^2) / (n + d + 1 + sigma^2) for Sigma = Omega = I."""
+    """L* = sigma^2 + d (d + 1 + sigma^2) / (n + d + 1 + sigma^2) for Sigma = Omega = I.
+
+    Also L* for Omega = Sigma^-1 and any Sigma: there Gamma* = eta* Sigma^-1 (see
+    ``inverse_prior_gamma_star``) and L(c Sigma^-1) = c^2 d (n+d+1+sigma^2)/n - 2cd + d + sigma^2.
+    """
     return noise**2 + d * (d + 1 + noise**2) / (n + d + 1 + noise**2)
+
+
+def inverse_prior_gamma_star(sigma: np.ndarray, n: int, noise: float) -> np.ndarray:
+    """Gamma* = n / (n + d + 1 + sigma^2) Sigma^-1 for Omega = Sigma^-1 (Mahankali et al. 2023, Thm. 2):
+    S = (n + 1 + d + sigma^2)/n Sigma there, so Gamma* = Omega Sigma S^-1 = S^-1."""
+    d = sigma.shape[0]
+    return eta_star(n, d, noise) * np.linalg.inv(sigma)
 
 
 def ahn_preconditioner(sigma: np.ndarray, n: int) -> np.ndarray:
@@ -75,3 +119,190 @@ def config_optimum(cfg: Config) -> tuple[np.ndarray, float] | None:
         return None
     sigma, omega = covariance_matrix(cfg), prior_covariance(cfg)
     return gamma_star(sigma, omega, cfg.n, cfg.noise), loss_star(sigma, omega, cfg.n, cfg.noise)
+
+
+# ---------------------------------------------------------------------------------------
+# Monte Carlo: the optimal one-layer Gamma for any task distribution.
+# ---------------------------------------------------------------------------------------
+class MCEstimate(NamedTuple):
+    """A Monte-Carlo estimate and its standard error (same shape)."""
+
+    value: np.ndarray
+    stderr: np.ndarray
+
+
+def context_mean(tasks: Tasks) -> jax.Array:
+    """g = (1/n) X^T y per task, [B, d]: the only statistic a one-layer GD-form LSA reads."""
+    return jnp.einsum("bnd,bn->bd", tasks.x, tasks.y) / tasks.x.shape[1]
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "num_chunks", "chunk"))
+def _normal_equation_sums(key: jax.Array, dist: Distribution, spec: TaskSpec, num_chunks: int,
+                          chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per chunk: sum phi phi^T [d^2, d^2], sum phi y_q [d^2] and sum y_q^2, phi = vec(x_q g^T)."""
+
+    def one(j):
+        tasks = sample_tasks(jax.random.fold_in(key, j), dist, spec, chunk)
+        phi = (tasks.x_query[:, :, None] * context_mean(tasks)[:, None, :]).reshape(chunk, -1)
+        return phi.T @ phi, phi.T @ tasks.y_query, jnp.sum(tasks.y_query**2)
+
+    return jax.lax.map(one, jnp.arange(num_chunks))
+
+
+def mc_gamma_star(key: jax.Array, dist: Distribution, spec: TaskSpec, num_tasks: int = 2**17,
+                  num_batches: int = 16) -> MCEstimate:
+    """The loss-minimising one-layer Gamma for any task law, by Monte-Carlo normal equations.
+
+    The predictor is linear in Gamma: yhat = x_q^T Gamma g = <Gamma, x_q g^T>_F, so
+    min_Gamma E[(y_q - <Gamma, phi>)^2] with phi = x_q g^T is least squares over vec(Gamma):
+    E[vec(phi) vec(phi)^T] vec(Gamma*) = E[vec(phi) y_q]. Sums are accumulated per batch in JAX
+    and solved in float64; the standard error is by batch means (the spread of the per-batch
+    solutions / sqrt(num_batches)). For Gaussian linear tasks this converges to ``gamma_star``.
+    """
+    if num_batches < 2 or num_tasks % num_batches:
+        raise ValueError(f"num_tasks={num_tasks} must split into num_batches={num_batches} >= 2 equal batches")
+    d = spec.d
+    a, c, _ = (np.asarray(v, np.float64) for v in _normal_equation_sums(key, dist, spec, num_batches,
+                                                                         num_tasks // num_batches))
+    pooled = np.linalg.solve(a.sum(0), c.sum(0)).reshape(d, d)
+    per_batch = np.stack([np.linalg.solve(ab, cb) for ab, cb in zip(a, c)]).reshape(num_batches, d, d)
+    stderr = per_batch.std(0, ddof=1) / np.sqrt(num_batches)
+    return MCEstimate(pooled, stderr)
+
+
+@functools.partial(jax.jit, static_argnames=("predict", "spec", "num_chunks", "chunk"))
+def _squared_errors(predict: Callable, args, key: jax.Array, dist: Distribution, spec: TaskSpec,
+                    num_chunks: int, chunk: int) -> jax.Array:
+    def one(j):
+        tasks = sample_tasks(jax.random.fold_in(key, j), dist, spec, chunk)
+        return (predict(tasks, *args) - tasks.y_query) ** 2
+
+    return jax.lax.map(one, jnp.arange(num_chunks)).reshape(-1)
+
+
+def mc_loss(predict: Callable, args: tuple, key: jax.Array, dist: Distribution, spec: TaskSpec,
+            num_tasks: int = 2**16, chunk: int = 4096) -> MCEstimate:
+    """E[(predict(tasks, *args) - y_q)^2] with its standard error, on tasks drawn from ``key``.
+
+    ``predict`` must be a hashable, module-level function (it is a static jit argument); the
+    numbers it depends on travel in ``args`` so new values do not recompile.
+    """
+    chunk = min(chunk, num_tasks)
+    sq = np.asarray(_squared_errors(predict, tuple(args), key, dist, spec, -(-num_tasks // chunk), chunk),
+                    np.float64)
+    return MCEstimate(np.float64(sq.mean()), np.float64(sq.std(ddof=1) / np.sqrt(sq.size)))
+
+
+def one_step_predict(tasks: Tasks, gamma: jax.Array) -> jax.Array:
+    """yhat = x_q^T Gamma g: one preconditioned GD step from w_0 = 0 (``model.gd_params``, depth 1)."""
+    return jnp.einsum("bd,de,be->b", tasks.x_query, gamma, context_mean(tasks))
+
+
+# ---------------------------------------------------------------------------------------
+# Multi-step references: k steps of (preconditioned) GD with tuned step sizes.
+# ---------------------------------------------------------------------------------------
+def pgd_weights(x: jax.Array, y: jax.Array, gammas: jax.Array) -> jax.Array:
+    """w_k of k preconditioned GD steps from w_0 = 0 on (1/2n)||X w - y||^2 (``model.gd_params``):
+
+        w_{l+1} = w_l + (1/n) Gamma_l X^T (y - X w_l),   gammas [k, d, d],   x [B, n, d] -> [B, d].
+    """
+    n = x.shape[1]
+
+    def step(w, gamma):
+        grad = jnp.einsum("bnd,bn->bd", x, y - jnp.einsum("bnd,bd->bn", x, w)) / n
+        return w + grad @ gamma.T, None
+
+    w, _ = jax.lax.scan(step, jnp.zeros(x.shape[::2], x.dtype), gammas)
+    return w
+
+
+def pgd_predict(tasks: Tasks, gammas: jax.Array) -> jax.Array:
+    """yhat = x_q^T w_k of ``pgd_weights``."""
+    return jnp.einsum("bd,bd->b", tasks.x_query, pgd_weights(tasks.x, tasks.y, gammas))
+
+
+def step_gammas(etas: jax.Array, precond: jax.Array) -> jax.Array:
+    """Gamma_l = eta_l P for every step l: [k] x [d, d] -> [k, d, d]."""
+    return etas[:, None, None] * precond[None]
+
+
+def scaled_pgd_predict(tasks: Tasks, etas: jax.Array, precond: jax.Array) -> jax.Array:
+    """k steps of GD with step sizes eta_l and a fixed preconditioner P (P = I: plain GD)."""
+    return pgd_predict(tasks, step_gammas(etas, precond))
+
+
+def krylov_features(tasks: Tasks, precond: jax.Array, num: int) -> jax.Array:
+    """f_j = x_q^T H^j P g for j < num, with H = P X^T X / n: [B, num].
+
+    k preconditioned GD steps Gamma_l = eta_l P from w_0 = 0 give w_k = q(H) P g with the
+    polynomial q(t) = (1 - prod_l (1 - eta_l t)) / t (induction on w_{l+1} = (I - eta_l H) w_l
+    + eta_l P g), so yhat = sum_j q_j f_j is linear in these features.
+    """
+    x, n = tasks.x, tasks.x.shape[1]
+    v = context_mean(tasks) @ precond.T
+    feats = []
+    for _ in range(num):
+        feats.append(jnp.einsum("bd,bd->b", tasks.x_query, v))
+        v = (jnp.einsum("bnd,bn->bd", x, jnp.einsum("bnd,bd->bn", x, v)) / n) @ precond.T
+    return jnp.stack(feats, axis=-1)
+
+
+def step_polynomial(etas: jax.Array) -> jax.Array:
+    """Coefficients q_0..q_{k-1} of q(t) = (1 - prod_l (1 - eta_l t)) / t (see ``krylov_features``)."""
+    prod = jnp.ones(1, etas.dtype)
+    for l in range(etas.shape[0]):
+        prod = jnp.convolve(prod, jnp.stack([jnp.ones_like(etas[l]), -etas[l]]))
+    return -prod[1:]
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "num_tasks", "iters"))
+def _tune(key: jax.Array, dist: Distribution, spec: TaskSpec, precond: jax.Array, mask: jax.Array,
+          init: jax.Array, num_tasks: int, iters: int) -> tuple[jax.Array, jax.Array]:
+    tasks = sample_tasks(key, dist, spec, num_tasks)
+    f = krylov_features(tasks, precond, init.shape[0])
+    gram, cross, y2 = f.T @ f / num_tasks, f.T @ tasks.y_query / num_tasks, jnp.mean(tasks.y_query**2)
+
+    def loss(etas):  # the sample's mean squared error, exactly, as a quadratic in q
+        q = step_polynomial(etas * mask)
+        return q @ gram @ q - 2 * q @ cross + y2
+
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def body(carry, _):
+        etas, state = carry
+        value, grad = value_and_grad(etas, state=state)
+        updates, state = opt.update(grad, state, etas, value=value, grad=grad, value_fn=loss)
+        return (optax.apply_updates(etas, updates), state), value
+
+    (etas, _), values = jax.lax.scan(body, (init, opt.init(init)), None, length=iters)
+    return etas * mask, values
+
+
+def optimal_step_sizes(key: jax.Array, dist: Distribution, spec: TaskSpec, precond: np.ndarray, k: int,
+                       max_steps: int | None = None, num_tasks: int = 2**15, iters: int = 100) -> np.ndarray:
+    """The k step sizes eta_l minimising the MC loss of k steps of GD with preconditioner P.
+
+    Fit by L-BFGS on one fixed sample of ``num_tasks`` tasks from ``key`` (evaluate the result on
+    fresh tasks, e.g. with ``mc_loss``). The sample enters only through the K x K moments of
+    ``krylov_features``, so each L-BFGS iteration is cheap. The steps are a length-``max_steps``
+    vector whose entries beyond k are held at zero (a zero step is no step), so every
+    k <= max_steps shares one compiled program. The start is a spread of stable steps around
+    1/lambda_max(P Sigma) (a spread: equal starting steps stay equal under any symmetric optimiser).
+    """
+    max_steps = max_steps or k
+    if not 1 <= k <= max_steps:
+        raise ValueError(f"need 1 <= k={k} <= max_steps={max_steps}")
+    sigma_sqrt = np.asarray(dist.sigma_sqrt, np.float64)
+    p = np.asarray(precond, np.float64)
+    lam = float(np.max(np.linalg.eigvals(p @ sigma_sqrt @ sigma_sqrt).real))
+    init = np.linspace(1.0, 0.5, max_steps) / lam
+    mask = (np.arange(max_steps) < k).astype(np.float32)
+    etas, _ = _tune(key, dist, spec, jnp.asarray(p, jnp.float32), jnp.asarray(mask), jnp.asarray(init, jnp.float32),
+                    num_tasks, iters)
+    return np.asarray(etas, np.float64)
+
+
+def oracle_preconditioner(cfg: Config) -> np.ndarray:
+    """Sigma^-1: the preconditioner that whitens the covariates (exact Gamma* shape for Omega = Sigma^-1)."""
+    return np.linalg.inv(covariance_matrix(cfg))

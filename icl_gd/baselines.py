@@ -1,0 +1,186 @@
+"""Classical in-context regressors, vectorised over tasks, scored on a run's held-out tasks.
+
+Every predictor maps a ``Tasks`` batch (and arrays of numbers) to yhat [B] and uses all n
+context pairs. ``evaluate`` scores a set of them on exactly the held-out tasks of
+``train.make_eval`` (chunk j drawn from fold_in(run_keys(seed)['eval'], j)), so a baseline's loss
+and the trained model's eval loss differ only by the predictor, never by the sample.
+
+* ``zero_predict``: yhat = 0 (the loss is E[y_q^2], the scale of the problem).
+* ``theory.one_step_predict`` / ``theory.scaled_pgd_predict``: one or k steps of GD (P = I) or
+  of GD preconditioned by the oracle Sigma^-1, step sizes tuned (``tuned_steps``).
+* ``posterior_mean_predict``: ridge with the Bayes-optimal penalty, the posterior mean of w under
+  the Gaussian prior N(0, Omega) and Gaussian noise: optimal among all predictors for linear targets.
+* ``ols_predict``: least squares through the pseudo-inverse (minimum-norm when n < d).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from icl_gd import theory
+from icl_gd.config import Config
+from icl_gd.data import Tasks, TaskSpec, covariance_matrix, distribution, prior_covariance, sample_tasks
+from icl_gd.model import apply
+from icl_gd.train import eval_chunks, run_keys
+
+TUNE_KEY_INDEX = 3  # fold_in(PRNGKey(seed), i): 0-2 are init/train/eval (train.run_keys); 3 tunes baselines
+
+
+def tune_key(seed: int) -> jax.Array:
+    """The key of the tasks baselines are tuned on: disjoint from the init, train and eval streams."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), TUNE_KEY_INDEX)
+
+
+# ---------------------------------------------------------------------------------------
+# Predictors: (tasks, *arrays) -> yhat [B].
+# ---------------------------------------------------------------------------------------
+def zero_predict(tasks: Tasks) -> jax.Array:
+    """yhat = 0."""
+    return jnp.zeros_like(tasks.y_query)
+
+
+def ols_weights(x: jax.Array, y: jax.Array) -> jax.Array:
+    """w = X^+ y: least squares for n >= d (exact on noiseless data), minimum-norm interpolant for n < d."""
+    return jnp.einsum("bdn,bn->bd", jnp.linalg.pinv(x), y)
+
+
+def ols_predict(tasks: Tasks) -> jax.Array:
+    return jnp.einsum("bd,bd->b", tasks.x_query, ols_weights(tasks.x, tasks.y))
+
+
+def posterior_mean_weights(x: jax.Array, y: jax.Array, omega_inv: jax.Array, noise: jax.Array) -> jax.Array:
+    """E[w | X, y] = (X^T X + sigma^2 Omega^-1)^-1 X^T y for w ~ N(0, Omega), eps ~ N(0, sigma^2), sigma > 0.
+
+    The Gaussian posterior mean (Bishop 2006, eq. (3.53) with S_0 = Omega, beta = 1/sigma^2): ridge
+    with the Bayes-optimal penalty sigma^2 Omega^-1.
+    """
+    gram = jnp.einsum("bnd,bne->bde", x, x) + noise**2 * omega_inv
+    return jnp.linalg.solve(gram, jnp.einsum("bnd,bn->bd", x, y)[..., None])[..., 0]
+
+
+def noiseless_posterior_mean_weights(x: jax.Array, y: jax.Array, omega_sqrt: jax.Array) -> jax.Array:
+    """E[w | X, y] at sigma = 0: Omega^1/2 (X Omega^1/2)^+ y, the Omega^-1-norm-minimal interpolant
+    (the sigma -> 0 limit of ``posterior_mean_weights``; OLS when n >= d)."""
+    return jnp.einsum("de,be->bd", omega_sqrt, ols_weights(x @ omega_sqrt, y))
+
+
+def posterior_mean_predict(tasks: Tasks, omega_inv: jax.Array, noise: jax.Array) -> jax.Array:
+    return jnp.einsum("bd,bd->b", tasks.x_query, posterior_mean_weights(tasks.x, tasks.y, omega_inv, noise))
+
+
+def noiseless_posterior_mean_predict(tasks: Tasks, omega_sqrt: jax.Array) -> jax.Array:
+    return jnp.einsum("bd,bd->b", tasks.x_query, noiseless_posterior_mean_weights(tasks.x, tasks.y, omega_sqrt))
+
+
+@functools.lru_cache(maxsize=32)
+def model_predictor(cfg: Config) -> Callable:
+    """The trained model as a predictor (tasks, params) -> yhat; cached so one config is one jit key."""
+
+    def predict(tasks: Tasks, params: Any) -> jax.Array:
+        return apply(params, tasks.x, tasks.y, tasks.x_query, cfg)
+
+    return predict
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation on the held-out set of a run.
+# ---------------------------------------------------------------------------------------
+class Predictor(NamedTuple):
+    """A named predictor: ``fn(tasks, *args)``; ``fn`` must be hashable (a module-level function)."""
+
+    name: str
+    fn: Callable
+    args: tuple = ()
+
+
+@functools.partial(jax.jit, static_argnames=("fns", "spec", "num", "size"))
+def _heldout_errors(fns: tuple, args: tuple, key: jax.Array, dist, spec: TaskSpec, num: int, size: int) -> jax.Array:
+    def one(j):
+        tasks = sample_tasks(jax.random.fold_in(key, j), dist, spec, size)
+        return jnp.stack([(fn(tasks, *a) - tasks.y_query) ** 2 for fn, a in zip(fns, args)])
+
+    errs = jax.lax.map(one, jnp.arange(num))  # [num, P, size]
+    return jnp.moveaxis(errs, 1, 0).reshape(len(fns), -1)
+
+
+def heldout_squared_errors(cfg: Config, predictors: list[Predictor]) -> dict[str, np.ndarray]:
+    """Per-task squared query errors of every predictor on the run's held-out tasks (one compile)."""
+    num, size = eval_chunks(cfg)
+    fns = tuple(p.fn for p in predictors)
+    args = tuple(tuple(p.args) for p in predictors)
+    errs = _heldout_errors(fns, args, run_keys(cfg.seed)["eval"], distribution(cfg), TaskSpec.from_config(cfg),
+                           num, size)
+    errs = np.asarray(errs, np.float64)
+    return {p.name: e for p, e in zip(predictors, errs)}
+
+
+def mean_and_stderr(errors: np.ndarray) -> dict[str, float]:
+    return {"loss": float(errors.mean()), "stderr": float(errors.std(ddof=1) / np.sqrt(errors.size))}
+
+
+def tuned_steps(cfg: Config, precond: np.ndarray, max_steps: int, num_tasks: int = 2**15) -> list[np.ndarray]:
+    """Tuned step sizes of k = 1..max_steps steps of GD with preconditioner P, fit on ``tune_key`` tasks.
+
+    k = 1 with a closed form uses the exact optimum ``theory.best_scale``; otherwise
+    ``theory.optimal_step_sizes`` (L-BFGS on a fixed Monte-Carlo sample).
+    """
+    dist, spec = distribution(cfg), TaskSpec.from_config(cfg)
+    out = []
+    for k in range(1, max_steps + 1):
+        if k == 1 and theory.has_closed_form(cfg):
+            sigma, omega = covariance_matrix(cfg), prior_covariance(cfg)
+            out.append(np.array([theory.best_scale(precond, sigma, omega, cfg.n, cfg.noise)]))
+        else:
+            etas = theory.optimal_step_sizes(tune_key(cfg.seed), dist, spec, precond, k, max_steps, num_tasks)
+            out.append(etas[:k])
+    return out
+
+
+def baseline_predictors(cfg: Config, max_steps: int, gamma_one_layer: np.ndarray | None = None,
+                        num_tune_tasks: int = 2**15) -> tuple[list[Predictor], dict[str, dict]]:
+    """The standard baselines for a config and their tuned numbers.
+
+    Names: zero, ols, bayes (posterior mean; linear targets only), one_layer_opt (yhat with
+    Gamma = ``gamma_one_layer``, the best one-layer LSA, when given), gd_k and pgd_k (k steps of
+    GD / Sigma^-1-preconditioned GD) for k = 1..max_steps. Returns (predictors, info by name).
+    """
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    preds = [Predictor("zero", zero_predict), Predictor("ols", ols_predict)]
+    info: dict[str, dict] = {"zero": {"description": "yhat = 0"},
+                             "ols": {"description": "least squares, pseudo-inverse (min-norm when n < d)"}}
+    if cfg.target == "linear":
+        omega = prior_covariance(cfg)
+        if cfg.noise > 0:
+            preds.append(Predictor("bayes", posterior_mean_predict, (f32(np.linalg.inv(omega)), f32(cfg.noise))))
+        else:
+            preds.append(Predictor("bayes", noiseless_posterior_mean_predict,
+                                   (f32(np.asarray(distribution(cfg).prior_sqrt)),)))
+        info["bayes"] = {"description": "ridge with the Bayes-optimal penalty (posterior mean of w)"}
+    if gamma_one_layer is not None:
+        preds.append(Predictor("one_layer_opt", theory.one_step_predict, (f32(gamma_one_layer),)))
+        info["one_layer_opt"] = {"description": "yhat = x_q^T Gamma* g, the best one-layer LSA"}
+    for tag, precond in (("gd", np.eye(cfg.d)), ("pgd", theory.oracle_preconditioner(cfg))):
+        for k, etas in enumerate(tuned_steps(cfg, precond, max_steps, num_tune_tasks), start=1):
+            name = f"{tag}_{k}"
+            preds.append(Predictor(name, theory.scaled_pgd_predict, (f32(etas), f32(precond))))
+            info[name] = {"description": f"{k} step(s) of {'GD' if tag == 'gd' else 'Sigma^-1-preconditioned GD'}"
+                                         ", tuned step sizes", "steps": k, "step_sizes": [float(e) for e in etas]}
+    return preds, info
+
+
+def evaluate(cfg: Config, max_steps: int, params: Any = None, gamma_one_layer: np.ndarray | None = None,
+             num_tune_tasks: int = 2**15) -> dict[str, dict]:
+    """Loss and standard error of every baseline (and of the model, when ``params`` are given, as
+    'model') on the run's held-out tasks; each entry also carries the baseline's tuned numbers."""
+    preds, info = baseline_predictors(cfg, max_steps, gamma_one_layer, num_tune_tasks)
+    if params is not None:
+        preds.append(Predictor("model", model_predictor(cfg), (params,)))
+        info["model"] = {"description": "the trained transformer"}
+    errors = heldout_squared_errors(cfg, preds)
+    return {name: {**info[name], **mean_and_stderr(e)} for name, e in errors.items()}

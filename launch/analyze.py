@@ -1,0 +1,83 @@
+"""Trained-vs-theory report: ``python -m launch.analyze --workdir=DIR``.
+
+DIR is one run (it holds checkpoints/) or a folder of runs (each subfolder with checkpoints/ is
+a run). Writes DIR/analysis/{summary.json, report.md, *.png}; for a folder, one sub-report per
+run under DIR/analysis/<run>/ and the loss-against-depth figure DIR/analysis/depth.png.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("workdir", None, "A run directory (with checkpoints/) or a folder of run directories.")
+flags.DEFINE_string("out", None, "Output directory; default WORKDIR/analysis.")
+flags.DEFINE_integer("max_steps", 0, "Largest k of the k-step GD baselines; 0 means max(depth, 3).")
+flags.DEFINE_integer("tune_tasks", 2**15, "Tasks the baselines' step sizes are tuned on (Monte Carlo).")
+flags.DEFINE_integer("mc_tasks", 2**18, "Tasks for the Monte-Carlo Gamma* where no closed form exists.")
+FLAGS = flags.FLAGS
+
+
+def _is_run(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def _has_checkpoint(path: str) -> bool:
+    ckpt = os.path.join(path, "checkpoints")
+    return os.path.isdir(ckpt) and any(e.isdigit() for e in os.listdir(ckpt))
+
+
+def find_runs(workdir: str) -> dict[str, str]:
+    """{name: path} of the runs under ``workdir`` ({basename: workdir} when it is one run)."""
+    if _is_run(workdir):
+        return {os.path.basename(os.path.abspath(workdir)): workdir}
+    subs = sorted(e for e in os.listdir(workdir) if _is_run(os.path.join(workdir, e)))
+    return {e: os.path.join(workdir, e) for e in subs}
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    workdir = FLAGS.workdir
+    if not workdir:
+        _fail("--workdir is required (a run directory or a folder of runs)")
+    if not os.path.isdir(workdir):
+        _fail(f"--workdir={workdir!r} does not exist or is not a directory")
+    runs = find_runs(workdir)
+    if not runs:
+        _fail(f"--workdir={workdir!r} holds no run: expected checkpoints/ in it or in its subfolders")
+    empty = [name for name, path in runs.items() if not _has_checkpoint(path)]
+    if empty:
+        _fail(f"--workdir={workdir!r}: no checkpoint saved yet in {', '.join(empty)} (train it first)")
+    if FLAGS.max_steps < 0 or FLAGS.tune_tasks < 16 or FLAGS.mc_tasks < 256:
+        _fail("--max_steps must be >= 0, --tune_tasks >= 16 and --mc_tasks >= 256")
+
+    import icl_gd  # after flag checks: the usage errors above stay fast
+    from icl_gd import report
+    from launch.flags import quiet_library_logs
+
+    quiet_library_logs()
+    out = FLAGS.out or os.path.join(workdir, "analysis")
+    kwargs = {"num_tune_tasks": FLAGS.tune_tasks, "mc_tasks": FLAGS.mc_tasks}
+    if _is_run(workdir):
+        run = icl_gd.load(workdir)
+        summary = report.write_run_report(run, out, max_steps=FLAGS.max_steps or None, **kwargs)
+        rows = {os.path.basename(os.path.abspath(workdir)): summary}
+    else:
+        loaded = {name: icl_gd.load(path) for name, path in runs.items()}
+        rows = report.write_folder_report(loaded, out, **kwargs)["runs"]
+    for name, s in rows.items():
+        rel = "" if s["rel_error"] is None else f"  rel_error {s['rel_error']:.2%}"
+        print(f"{name}: loss {s['loss']:.4f}  L* {s['loss_star']:.4f} ({s['loss_over_loss_star']:+.2%}){rel}")
+    print(f"report: {os.path.join(out, 'report.md')}")
+
+
+if __name__ == "__main__":
+    app.run(main)
