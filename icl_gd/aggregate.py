@@ -148,7 +148,7 @@ def _panel_key(row: dict[str, Any]) -> tuple:
 
 def plot_loss_vs_depth(rows: Sequence[dict[str, Any]], path: str) -> None:
     """One panel per (covariance, noise, prior, d, n): learned loss vs depth (seeds as dots,
-    mean as line) with GD-k, PGD-k, L* and the noise floor sigma^2."""
+    median as line; log scale) with GD-k, PGD-k, L* and the noise floor sigma^2."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,8 +168,8 @@ def plot_loss_vs_depth(rows: Sequence[dict[str, Any]], path: str) -> None:
         for L, group_rows in by_depth.items():
             ys = [_num(r, "eval_loss") for r in group_rows]
             ax.scatter([L] * len(ys), ys, color="C0", alpha=0.4, s=14)
-        mean = [np.nanmean([_num(r, "eval_loss") for r in by_depth[L]]) for L in depths]
-        ax.plot(depths, mean, "o-", color="C0", label="trained LSA (mean over seeds)")
+        median = [np.nanmedian([_num(r, "eval_loss") for r in by_depth[L]]) for L in depths]
+        ax.plot(depths, median, "o-", color="C0", label="trained LSA (median over seeds; dots: seeds)")
         refs = (("gd_loss", "C1", "GD, k=depth steps"), ("pgd_loss", "C2", "PGD (s Gamma*), k steps"))
         for col, color, label in refs:
             ys = [np.nanmean([_num(r, col) for r in by_depth[L]]) for L in depths]
@@ -184,6 +184,7 @@ def plot_loss_vs_depth(rows: Sequence[dict[str, Any]], path: str) -> None:
         ax.set_xlabel("depth L (= GD steps k)")
         ax.set_ylabel("held-out loss")
         ax.set_xticks(depths)
+        ax.set_yscale("log")  # a diverged seed must not flatten the others
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -194,36 +195,39 @@ def plot_loss_vs_depth(rows: Sequence[dict[str, Any]], path: str) -> None:
 
 
 def plot_eta_vs_noise(rows: Sequence[dict[str, Any]], path: str) -> None:
-    """Depth-1 members: learned eta = tr(Gamma_eff)/d vs noise per covariance, with the theory
-    curve eta*(sigma) = tr(Gamma*(sigma))/d drawn on a fine noise grid."""
+    """Depth-1 members, one panel per (covariance, prior, d, n): learned eta = tr(Gamma_eff)/d vs
+    noise (seeds as dots, median as line) with eta*(sigma) = tr(Gamma*(sigma))/d on a fine grid."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rs = [r for r in rows if int(r["depth"]) == 1 and np.isfinite(_num(r, "eta_learned"))]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
     series: dict[tuple, list[dict[str, Any]]] = {}
     for r in rs:
         series.setdefault((r["covariance_label"], r["weight_prior"], int(r["d"]), int(r["n"])), []).append(r)
-    for i, (key, srs) in enumerate(sorted(series.items())):
-        color = f"C{i % 10}"
+    keys = sorted(series)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=True):
+        srs = series[key]
         noises = sorted({float(r["noise"]) for r in srs})
-        ax.scatter([float(r["noise"]) for r in srs], [_num(r, "eta_learned") for r in srs], color=color,
-                   alpha=0.5, s=16)
-        means = [np.nanmean([_num(r, "eta_learned") for r in srs if float(r["noise"]) == s]) for s in noises]
-        ax.plot(noises, means, "o-", color=color, label=f"learned, {key[0]} ({key[1]}), d={key[2]} n={key[3]}")
+        ax.scatter([float(r["noise"]) for r in srs], [_num(r, "eta_learned") for r in srs], color="C0", alpha=0.5,
+                   s=16, label="learned (seeds)")
+        medians = [np.nanmedian([_num(r, "eta_learned") for r in srs if float(r["noise"]) == s]) for s in noises]
+        ax.plot(noises, medians, "o-", color="C0", label="learned (median)")
         cfg = _row_config(srs[0])
         if theory.has_closed_form(cfg):
             sigma, omega = covariance_matrix(cfg), prior_covariance(cfg)
             grid = np.linspace(0.0, max(noises) * 1.1 + 1e-9, 50)
             eta = [np.trace(theory.gamma_star(sigma, omega, cfg.n, s)) / cfg.d for s in grid]
-            ax.plot(grid, eta, "--", color=color, lw=1, label=f"eta* = tr(Gamma*)/d, {key[0]}")
-    ax.set_xlabel("label noise sigma")
-    ax.set_ylabel("eta")
-    ax.set_title("one-layer LSA: learned step size vs theory", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+            ax.plot(grid, eta, "--", color="k", lw=1, label="eta* = tr(Gamma*)/d")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{key[0]}, {key[1]} prior, d={key[2]}, n={key[3]}", fontsize=8)
+        ax.set_xlabel("label noise sigma")
+        ax.set_ylabel("eta")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
