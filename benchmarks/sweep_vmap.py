@@ -1,6 +1,8 @@
 """Benchmark: a 16-member sweep group trained vmapped (one program) vs member by member.
 
     python -m benchmarks.sweep_vmap [--steps=200 --batch_size=64 --repeats=5 --out=FILE.json]
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.sweep_vmap  # + sharded
+
 
 Both sides run the same training steps of the same 16 members (2 covariances x 2 noises x 4
 seeds): the vmapped side is ``sweep.make_group_fns(rep).chunk`` (what ``launch.sweep`` runs),
@@ -8,7 +10,8 @@ the sequential side is the single-run program of ``train.train`` (jit of
 ``make_train_chunk`` with donated state) called once per member; it compiles once, since the
 members differ only in arguments. Compile time is measured separately (``lower().compile()``)
 and excluded from the step timings; each timing is the median of ``--repeats`` runs, and the
-outputs are blocked on before the clock stops.
+outputs are blocked on before the clock stops. With several devices (e.g. host CPU devices
+forced by XLA_FLAGS) a third timing shards the vmapped members over them (``sweep.member_mesh``).
 """
 
 from __future__ import annotations
@@ -55,18 +58,19 @@ def _timed(fn, repeats: int) -> list[float]:
 
 
 class _Vmapped:
-    def __init__(self, ms: list[Config], steps: int):
+    def __init__(self, ms: list[Config], steps: int, mesh: jax.sharding.Mesh | None = None):
         rep = sweep.group_key(ms[0])
+        self.mesh = mesh
         self.states = sweep.stack([init_state(c, make_optimizer(c)) for c in ms])
-        self.dists = sweep.place(sweep.stack([distribution(c) for c in ms]), None)
-        self.keys = sweep.place(sweep.stack([run_keys(c.seed)["train"] for c in ms]), None)
+        self.dists = sweep.place(sweep.stack([distribution(c) for c in ms]), mesh)
+        self.keys = sweep.place(sweep.stack([run_keys(c.seed)["train"] for c in ms]), mesh)
         fn = sweep.make_group_fns(rep).chunk
         t0 = time.perf_counter()
         self.compiled = fn.lower(self.fresh()[0], self.dists, self.keys, length=steps).compile()
         self.compile_seconds = time.perf_counter() - t0
 
     def fresh(self):
-        return (sweep.place(self.states, None),)
+        return (sweep.place(self.states, self.mesh),)
 
     def __call__(self, state):
         return self.compiled(state, self.dists, self.keys)
@@ -101,6 +105,13 @@ def main(argv: list[str]) -> None:
     np.testing.assert_allclose(np.asarray(v_loss), np.stack([np.asarray(l) for _, l in s_out]), rtol=2e-3, atol=1e-5)
     t_vm = _timed(vm, FLAGS.repeats)
     t_sq = _timed(sq, FLAGS.repeats)
+    sharded = None
+    if jax.device_count() > 1 and len(ms) % jax.device_count() == 0:
+        sh = _Vmapped(ms, FLAGS.steps, sweep.member_mesh())
+        t_sh = _timed(sh, FLAGS.repeats)
+        sharded = {"sharded_seconds_median": statistics.median(t_sh), "sharded_seconds_all": t_sh,
+                   "sharded_compile_seconds": sh.compile_seconds,
+                   "sharded_speedup": statistics.median(t_sq) / statistics.median(t_sh)}
     result = {
         "members": len(ms), "steps": FLAGS.steps, "d": FLAGS.d, "n": FLAGS.n, "batch_size": FLAGS.batch_size,
         "repeats": FLAGS.repeats,
@@ -110,6 +121,7 @@ def main(argv: list[str]) -> None:
         "speedup": statistics.median(t_sq) / statistics.median(t_vm),
         "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "jax": jax.__version__,
+        **(sharded or {}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
@@ -117,6 +129,9 @@ def main(argv: list[str]) -> None:
     print(f"16 members x {FLAGS.steps} steps (d={FLAGS.d}, n={FLAGS.n}, batch {FLAGS.batch_size}):")
     print(f"  vmapped    {result['vmapped_seconds_median']:.3f}s  (compile {vm.compile_seconds:.2f}s, excluded)")
     print(f"  sequential {result['sequential_seconds_median']:.3f}s  (compile {sq.compile_seconds:.2f}s, excluded)")
+    if sharded:
+        print(f"  sharded over {jax.device_count()} devices {sharded['sharded_seconds_median']:.3f}s  "
+              f"(speedup {sharded['sharded_speedup']:.2f}x)")
     print(f"  speedup    {result['speedup']:.2f}x   -> {FLAGS.out}")
 
 
