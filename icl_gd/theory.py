@@ -22,7 +22,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from icl_gd.config import Config
 from icl_gd.data import Distribution, Tasks, TaskSpec, covariance_matrix, prior_covariance, sample_tasks
@@ -255,52 +254,63 @@ def step_polynomial(etas: jax.Array) -> jax.Array:
     return -prod[1:]
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "num_tasks", "iters"))
-def _tune(key: jax.Array, dist: Distribution, spec: TaskSpec, precond: jax.Array, mask: jax.Array,
-          init: jax.Array, num_tasks: int, iters: int) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("spec", "num_tasks", "num"))
+def _krylov_moments(key: jax.Array, dist: Distribution, spec: TaskSpec, precond: jax.Array, num_tasks: int,
+                    num: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(E f f^T [num, num], E f y_q [num], E y_q^2) of ``krylov_features`` over one fixed sample."""
     tasks = sample_tasks(key, dist, spec, num_tasks)
-    f = krylov_features(tasks, precond, init.shape[0])
-    gram, cross, y2 = f.T @ f / num_tasks, f.T @ tasks.y_query / num_tasks, jnp.mean(tasks.y_query**2)
+    f = krylov_features(tasks, precond, num)
+    return f.T @ f / num_tasks, f.T @ tasks.y_query / num_tasks, jnp.mean(tasks.y_query**2)
 
-    def loss(etas):  # the sample's mean squared error, exactly, as a quadratic in q
-        q = step_polynomial(etas * mask)
-        return q @ gram @ q - 2 * q @ cross + y2
 
-    opt = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(loss)
+def _polynomial_loss(etas: np.ndarray, gram: np.ndarray, cross: np.ndarray, y2: float) -> tuple[float, np.ndarray]:
+    """Sample loss q^T G q - 2 q^T b + E y^2 of the steps ``etas`` and its gradient (float64).
 
-    def body(carry, _):
-        etas, state = carry
-        value, grad = value_and_grad(etas, state=state)
-        updates, state = opt.update(grad, state, etas, value=value, grad=grad, value_fn=loss)
-        return (optax.apply_updates(etas, updates), state), value
+    q = -coef[1:] of p(t) = prod_l (1 - eta_l t) (``step_polynomial``); d p / d eta_l = -t prod_{m != l}.
+    """
+    def poly(es):
+        out = np.ones(1)
+        for e in es:
+            out = np.convolve(out, [1.0, -e])
+        return out
 
-    (etas, _), values = jax.lax.scan(body, (init, opt.init(init)), None, length=iters)
-    return etas * mask, values
+    k = len(etas)
+    q = -poly(etas)[1:]
+    r = 2 * (gram[:k, :k] @ q - cross[:k])  # d loss / d q
+    grad = np.empty(k)
+    for l in range(k):
+        dp = -np.convolve([0.0, 1.0], poly(np.delete(etas, l)))  # d p / d eta_l, degree k
+        grad[l] = r @ (-dp[1:])
+    return float(q @ gram[:k, :k] @ q - 2 * q @ cross[:k] + y2), grad
 
 
 def optimal_step_sizes(key: jax.Array, dist: Distribution, spec: TaskSpec, precond: np.ndarray, k: int,
-                       max_steps: int | None = None, num_tasks: int = 2**15, iters: int = 100) -> np.ndarray:
+                       max_steps: int | None = None, num_tasks: int = 2**15) -> np.ndarray:
     """The k step sizes eta_l minimising the MC loss of k steps of GD with preconditioner P.
 
-    Fit by L-BFGS on one fixed sample of ``num_tasks`` tasks from ``key`` (evaluate the result on
-    fresh tasks, e.g. with ``mc_loss``). The sample enters only through the K x K moments of
-    ``krylov_features``, so each L-BFGS iteration is cheap. The steps are a length-``max_steps``
-    vector whose entries beyond k are held at zero (a zero step is no step), so every
-    k <= max_steps shares one compiled program. The start is a spread of stable steps around
-    1/lambda_max(P Sigma) (a spread: equal starting steps stay equal under any symmetric optimiser).
+    Fit on one fixed sample of ``num_tasks`` tasks from ``key`` (evaluate the result on fresh
+    tasks, e.g. with ``mc_loss``). The sample enters only through the max_steps x max_steps
+    moments of ``krylov_features`` (one compiled program for every k <= max_steps), and the
+    polynomial loss is minimised by BFGS in float64. Returns a length-``max_steps`` vector, zero
+    beyond k (a zero step is no step). The start is a spread of stable steps around
+    1/lambda_max(P Sigma): equal starting steps would stay equal under the symmetric objective.
     """
+    from scipy.optimize import minimize  # scipy ships with jax
+
     max_steps = max_steps or k
     if not 1 <= k <= max_steps:
         raise ValueError(f"need 1 <= k={k} <= max_steps={max_steps}")
     sigma_sqrt = np.asarray(dist.sigma_sqrt, np.float64)
     p = np.asarray(precond, np.float64)
     lam = float(np.max(np.linalg.eigvals(p @ sigma_sqrt @ sigma_sqrt).real))
-    init = np.linspace(1.0, 0.5, max_steps) / lam
-    mask = (np.arange(max_steps) < k).astype(np.float32)
-    etas, _ = _tune(key, dist, spec, jnp.asarray(p, jnp.float32), jnp.asarray(mask), jnp.asarray(init, jnp.float32),
-                    num_tasks, iters)
-    return np.asarray(etas, np.float64)
+    gram, cross, y2 = (np.asarray(v, np.float64) for v in
+                       _krylov_moments(key, dist, spec, jnp.asarray(p, jnp.float32), num_tasks, max_steps))
+    init = np.linspace(1.0, 0.5, k) / lam
+    res = minimize(_polynomial_loss, init, args=(gram, cross, float(y2)), jac=True, method="BFGS",
+                   options={"gtol": 1e-10, "maxiter": 500})
+    out = np.zeros(max_steps)
+    out[:k] = np.sort(res.x)[::-1]  # the loss is symmetric in the steps; report them largest first
+    return out
 
 
 def oracle_preconditioner(cfg: Config) -> np.ndarray:
