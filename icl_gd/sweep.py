@@ -371,9 +371,10 @@ def _train_stack(batch: list[_Active], fns: GroupFns, mesh: jax.sharding.Mesh | 
                 a.ckpt.save(step, unstack(host_state, i), a.cfg, a.history)
                 a.final_step = step
         _barrier(f"sweep-step-{step}")
-        losses_ok = [float(losses[i].mean()) for i in range(real)]
-        log(f"step {step:>7d}  {real} members  train loss mean {np.nanmean(losses_ok):.4f}  eval "
-            f"[{np.nanmin(eval_loss[:real]):.4f}, {np.nanmax(eval_loss[:real]):.4f}]  "
+        ok = [i for i, a in enumerate(batch) if not a.failed] or [0]
+        log(f"step {step:>7d}  {real} members ({real - len(ok)} failed)  "
+            f"train loss mean {np.mean([losses[i].mean() for i in ok]):.4f}  "
+            f"eval [{np.min(eval_loss[ok]):.4f}, {np.max(eval_loss[ok]):.4f}]  "
             f"{length / dt:.1f} steps/s  {length * cfg0.batch_size * real / dt:.3g} tasks/s")
 
 

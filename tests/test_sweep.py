@@ -174,6 +174,16 @@ def test_interrupted_member_resumes_from_its_checkpoint(swept, tmp_path):
     assert _mtimes(untouched) == before
 
 
+def test_diverging_member_fails_alone(tmp_path):
+    """A member whose loss overflows is reported and never checkpointed; its group-mates finish."""
+    members = sweep.expand(base(), sweep.Axes(covariances=("isotropic", "eig1e30_1e30")))
+    results = sweep.run_sweep(members, str(tmp_path), log=lambda _: None)
+    assert [r.status for r in results] == ["trained", "failed"]
+    assert "non-finite training loss at step 0" in results[1].message
+    assert not os.listdir(os.path.join(results[1].workdir, "checkpoints"))
+    assert icl_gd.load(results[0].workdir).step == members[0].steps
+
+
 def test_aggregate_writes_csv_and_figures(swept):
     root, members, _, _ = swept
     paths = aggregate.aggregate(members, root)
