@@ -11,6 +11,13 @@ Mahankali et al. 2023, Thm. 2, where one *preconditioned* GD step is optimal).
 The distribution's numbers (Sigma^1/2, Omega^1/2, sigma) travel as a ``Distribution`` pytree of
 arrays, so members of a sweep that differ only in them share one compiled program (vmap over
 members); the shape-changing choices (d, n, law of x, target family) are a static ``TaskSpec``.
+
+Speed: sampling is the floor of every training step, and on CPU JAX lowers the threefry hash
+as a rolled loop that XLA cannot fuse (~4x slower than the hash itself). ``normal`` below
+computes the very same bits (the partitionable threefry2x32 of ``jax.random.bits``, unrolled,
+so XLA fuses hash -> uniform -> erfinv into one loop) and the same floats as
+``jax.random.normal``: the sampled tasks are those of the plain ``jax.random`` draws (equal
+bits; the arithmetic after the draws may round differently, at float32 epsilon).
 """
 
 from __future__ import annotations
@@ -118,10 +125,56 @@ def distribution(cfg: Config) -> Distribution:
 # ---------------------------------------------------------------------------------------
 # Sampling.
 # ---------------------------------------------------------------------------------------
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k1: jax.Array, k2: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Threefry-2x32 (20 rounds), unrolled: the hash of ``jax.random`` as plain fusible ops."""
+    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r)))
+        x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+def _raw_threefry_key(key: jax.Array) -> jax.Array | None:
+    """The uint32[2] threefry key data, or None when ``key`` is not a threefry key."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if "threefry" not in str(jax.random.key_impl(key)):
+            return None
+        key = jax.random.key_data(key)
+    elif jax.config.jax_default_prng_impl != "threefry2x32":
+        return None
+    return key if key.shape == (2,) and key.dtype == jnp.uint32 else None
+
+
+def normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """float32 N(0, 1) draws, bit-identical to ``jax.random.normal(key, shape)``, but fused.
+
+    Same algorithm as jax (partitionable threefry: word i is the XOR of the two outputs of
+    the hash of counter (0, i); 23 mantissa bits -> uniform on (-1, 1) -> sqrt(2) erfinv).
+    Falls back to ``jax.random.normal`` for other PRNG implementations or settings.
+    """
+    raw = _raw_threefry_key(key)
+    size = int(np.prod(shape))
+    if raw is None or not jax.config.jax_threefry_partitionable or size >= 2**32:
+        return jax.random.normal(key, shape)
+    counts = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    b0, b1 = _threefry2x32(raw[0], raw[1], jnp.zeros_like(counts), counts)
+    bits = ((b0 ^ b1) >> np.uint32(9)) | np.uint32(0x3F800000)
+    unit = jax.lax.bitcast_convert_type(bits, jnp.float32) - np.float32(1.0)  # [0, 1)
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    u = jax.lax.max(lo, unit * (np.float32(1.0) - lo) + lo)
+    return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)
+
+
 def _directions(key: jax.Array, spec: TaskSpec, shape: tuple[int, ...]) -> jax.Array:
     """White covariates z with E[z z^T] = I, in the requested law."""
     kz, kr = jax.random.split(key)
-    z = jax.random.normal(kz, (*shape, spec.d))
+    z = normal(kz, (*shape, spec.d))
     if spec.x_dist == "sphere":
         # Uniform on the sphere of radius sqrt(d): E[z z^T] = I.
         return z * jnp.sqrt(spec.d) / jnp.linalg.norm(z, axis=-1, keepdims=True)
@@ -137,8 +190,8 @@ def _directions(key: jax.Array, spec: TaskSpec, shape: tuple[int, ...]) -> jax.A
 def _targets(key: jax.Array, spec: TaskSpec, x: jax.Array, w: jax.Array,
              prior_sqrt: jax.Array) -> jax.Array:
     """f_w(x) for x [B, N, d], w [B, d] -> [B, N]. Every family is negation-symmetric."""
-    s = x @ w[..., None]
-    s = s[..., 0]
+    # An elementwise product-sum, not a batched matvec: XLA:CPU runs B tiny dots slowly.
+    s = jnp.sum(x * w[:, None, :], axis=-1)
     if spec.target == "linear":
         return s
     if spec.target == "tanh":
@@ -151,8 +204,8 @@ def _targets(key: jax.Array, spec: TaskSpec, x: jax.Array, w: jax.Array,
     # matches the linear target's scale.
     kv, ka = jax.random.split(key)
     b, m = w.shape[0], spec.relu_width
-    v = jax.random.normal(kv, (b, m, spec.d)) @ prior_sqrt
-    a = jax.random.normal(ka, (b, m))
+    v = normal(kv, (b, m, spec.d)) @ prior_sqrt
+    a = normal(ka, (b, m))
     hidden = jax.nn.relu(jnp.einsum("bnd,bmd->bnm", x, v))
     return jnp.sqrt(2.0 / m) * jnp.einsum("bnm,bm->bn", hidden, a)
 
@@ -163,9 +216,12 @@ def sample_tasks(key: jax.Array, dist: Distribution, spec: TaskSpec, batch: int)
     kx, kw, kf, ke = jax.random.split(key, 4)
     n = spec.n
     x = _directions(kx, spec, (batch, n + 1)) @ dist.sigma_sqrt
-    w = jax.random.normal(kw, (batch, spec.d)) @ dist.prior_sqrt
+    w = normal(kw, (batch, spec.d)) @ dist.prior_sqrt
     y = _targets(kf, spec, x, w, dist.prior_sqrt)
-    y = y + dist.noise * jax.random.normal(ke, (batch, n + 1))
+    # sigma = 0 adds exactly 0 * N(0, 1) = 0: skip the draw then (a sixth of the random bits
+    # at d=5). Under vmap (sweeps) the cond becomes a select and both sides run: same values.
+    y = jax.lax.cond(dist.noise == 0, lambda: y,
+                     lambda: y + dist.noise * normal(ke, (batch, n + 1)))
     tasks = Tasks(x=x[:, :n], y=y[:, :n], x_query=x[:, n], y_query=y[:, n])
     chex.assert_shape(tasks.x, (batch, n, spec.d))
     chex.assert_shape(tasks.y_query, (batch,))
@@ -175,4 +231,4 @@ def sample_tasks(key: jax.Array, dist: Distribution, spec: TaskSpec, batch: int)
 def sample_weights(key: jax.Array, dist: Distribution, spec: TaskSpec, batch: int) -> jax.Array:
     """The w of ``sample_tasks(key, ...)`` for the same key (for moment tests and oracles)."""
     _, kw, _, _ = jax.random.split(key, 4)
-    return jax.random.normal(kw, (batch, spec.d)) @ dist.prior_sqrt
+    return normal(kw, (batch, spec.d)) @ dist.prior_sqrt
