@@ -120,7 +120,7 @@ def main(argv: list[str]) -> None:
         "vmapped_compile_seconds": vm.compile_seconds, "sequential_compile_seconds": sq.compile_seconds,
         "speedup": statistics.median(t_sq) / statistics.median(t_vm),
         "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "jax": jax.__version__,
+        "jax": jax.__version__, "loadavg_1_5_15min": list(os.getloadavg()),
         **(sharded or {}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
