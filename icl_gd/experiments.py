@@ -37,10 +37,11 @@ class Size:
     quick: bool = True
     steps: int = 0  # 0: the experiment's own length
 
-    def base(self, **fields: Any) -> Config:
-        """The shared base config of this size; ``fields`` override it."""
+    def base(self, length: float = 1.0, **fields: Any) -> Config:
+        """The shared base config of this size, trained ``length`` times the usual steps
+        (ill-conditioned and deep models converge slower); ``fields`` override it."""
         d, n = (3, 10) if self.quick else (5, 20)
-        steps = self.steps or (2000 if self.quick else 20000)
+        steps = self.steps or int(length * (2000 if self.quick else 20000))
         batch = 1024 if self.quick else 4096
         log_every = max(1, min(500, steps // 4))
         defaults = dict(d=d, n=n, steps=steps, batch_size=batch, log_every=log_every,
@@ -215,7 +216,8 @@ def _nonlinear_plot(summaries: list[dict], path: str) -> None:
 # Ahn et al. 2023
 # ---------------------------------------------------------------------------------------
 def _ahn1_members(size: Size) -> list[Config]:
-    return [size.base(covariance="cond", cond=10.0, weight_prior="identity", noise=0.0, parameterization="sparse")]
+    return [size.base(3.0, covariance="cond", cond=10.0, weight_prior="identity", noise=0.0,
+                      parameterization="sparse")]
 
 
 def _ahn1_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list[dict]]:
@@ -247,7 +249,7 @@ def _multi_members(size: Size) -> list[Config]:
     out = []
     for cov in ({"covariance": "isotropic"}, {"covariance": "cond", "cond": 10.0}):
         for depth in _depths(size):
-            out.append(size.base(depth=depth, parameterization="sparse", weight_prior="inverse", noise=0.0, **cov))
+            out.append(size.base(2.5, depth=depth, parameterization="sparse", weight_prior="inverse", noise=0.0, **cov))
     return out
 
 
