@@ -37,6 +37,8 @@ import json
 import math
 import os
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,7 +52,7 @@ from icl_gd import theory
 from icl_gd.checkpoint import Checkpointer, check_same_run, read_config, write_config
 from icl_gd.config import OPERATIONAL_FIELDS, Config, ConfigError
 from icl_gd.data import distribution
-from icl_gd.train import TrainState, init_state, make_eval, make_optimizer, make_train_chunk, run_keys
+from icl_gd.train import Preempted, TrainState, init_state, make_eval, make_optimizer, make_train_chunk, run_keys
 
 # Fields that only change the Distribution arrays or the keys: members differing only in these
 # share one compiled program.
@@ -213,6 +215,15 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
+def _agree(flag: bool) -> bool:
+    """Process 0's value of ``flag`` on every process (itself when single-process)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -242,6 +253,27 @@ def make_group_fns(rep: Config) -> GroupFns:
         chunk=jax.jit(vchunk, static_argnames="length", donate_argnums=0),
         eval=jax.jit(jax.vmap(make_eval(rep))),
     )
+
+
+class _SigtermFlag:
+    """SIGTERM (scheduler pre-emption) -> a flag checked at every compiled-call boundary, so the
+    group saves every member at the step it reached and stops (``Preempted``), like ``train``."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigtermFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, *_: Any) -> None:
+        self.set = True
+
+    def __exit__(self, *_: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclasses.dataclass
@@ -308,10 +340,14 @@ def train_group(members: Sequence[Config], root: str, fns: GroupFns | None = Non
         by_step: dict[int, list[_Active]] = {}
         for a in active:
             by_step.setdefault(a.start_step, []).append(a)
-        for batch in by_step.values():
-            _train_stack(batch, fns, mesh, log)
+        try:
+            with _SigtermFlag() as sigterm:
+                for batch in by_step.values():
+                    _train_stack(batch, fns, mesh, log, sigterm)
+        finally:
+            for a in active:
+                a.ckpt.close()
         for a in active:
-            a.ckpt.close()
             status = "failed" if a.failed else ("resumed" if a.start_step else "trained")
             last = a.history[-1]["eval_loss"] if a.history else None
             results.append(MemberResult(member_name(a.cfg), a.cfg, a.workdir, status, a.start_step,
@@ -321,7 +357,7 @@ def train_group(members: Sequence[Config], root: str, fns: GroupFns | None = Non
 
 
 def _train_stack(batch: list[_Active], fns: GroupFns, mesh: jax.sharding.Mesh | None,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], sigterm: _SigtermFlag | None = None) -> None:
     """The chunk loop of ``train.train``, vmapped over ``batch`` (padded to the mesh size)."""
     cfg0 = batch[0].cfg
     real = len(batch)
@@ -350,7 +386,9 @@ def _train_stack(batch: list[_Active], fns: GroupFns, mesh: jax.sharding.Mesh | 
         dt = time.perf_counter() - t0
         eval_loss = to_host(fns.eval(state.params, dists, eval_keys))
         step = nxt
-        save = step % cfg0.checkpoint_every == 0 or step == cfg0.steps
+        # Under jax.distributed every process must agree to stop: process 0's flag decides.
+        stop = _agree(sigterm is not None and sigterm.set) and step < cfg0.steps
+        save = step % cfg0.checkpoint_every == 0 or step == cfg0.steps or stop
         host_state = to_host(state) if save else None
         for i, a in enumerate(batch):
             if a.failed:
@@ -376,6 +414,9 @@ def _train_stack(batch: list[_Active], fns: GroupFns, mesh: jax.sharding.Mesh | 
             f"train loss mean {np.mean([losses[i].mean() for i in ok]):.4f}  "
             f"eval [{np.min(eval_loss[ok]):.4f}, {np.max(eval_loss[ok]):.4f}]  "
             f"{length / dt:.1f} steps/s  {length * cfg0.batch_size * real / dt:.3g} tasks/s")
+        if stop:
+            raise Preempted(f"SIGTERM at step {step}: {real} members checkpointed under "
+                            f"{os.path.dirname(batch[0].workdir)}; re-run the same command to resume")
 
 
 def run_sweep(members: Sequence[Config], root: str, mesh: jax.sharding.Mesh | None = None,

@@ -23,8 +23,7 @@ import time
 
 from absl import app, flags, logging
 
-from icl_gd.checkpoint import ConfigMismatchError
-from icl_gd.config import ConfigError
+from icl_gd.config import ConfigError, ConfigMismatchError
 from launch.flags import config_from_flags, define_config_flags, quiet_library_logs
 
 define_config_flags()
@@ -154,6 +153,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs()
+    from icl_gd.train import Preempted  # after flag parsing: fast --help
+
     try:
         for name, lo in (("num_shards", 1), ("slurm_nodes", 1), ("slurm_gpus", 0), ("slurm_cpus", 1)):
             if FLAGS[name].value < lo:
@@ -200,6 +201,9 @@ def main(argv: list[str]) -> None:
     except (ConfigError, ConfigMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as schedulers expect of a terminated job
 
 
 if __name__ == "__main__":

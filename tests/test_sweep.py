@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -17,7 +17,7 @@ import pytest
 import icl_gd
 from icl_gd import aggregate, cluster, sweep
 from icl_gd.config import Config, ConfigError
-from icl_gd.train import train
+from icl_gd.train import Preempted, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(d=2, n=6, batch_size=16, steps=30, log_every=15, checkpoint_every=15, eval_tasks=64, lr=0.02)
@@ -157,21 +157,28 @@ def test_rerun_skips_finished_members(swept):
     assert _mtimes(root) == before  # nothing written, nothing overwritten
 
 
-def test_interrupted_member_resumes_from_its_checkpoint(swept, tmp_path):
+def test_preempted_group_saves_and_resumes_exactly(swept, tmp_path):
+    """SIGTERM mid-run: every member is checkpointed at the step it reached (15, not a regular
+    checkpoint step here) and the run stops; re-running resumes all of them and ends with the
+    uninterrupted run's params."""
     root, members, _, _ = swept
+    members = [dataclasses.replace(m, checkpoint_every=30) for m in members]  # same folders (bookkeeping)
     copy = str(tmp_path / "copy")
-    shutil.copytree(root, copy)
-    victim = os.path.join(copy, sweep.member_name(members[1]))
-    expected = params_of(victim)
-    shutil.rmtree(os.path.join(victim, "checkpoints", str(members[1].steps)))  # lost the final save
-    untouched = os.path.join(copy, sweep.member_name(members[0]))
-    before = _mtimes(untouched)
+
+    def log(line: str) -> None:
+        if line.startswith("compiled"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        sweep.run_sweep(members, copy, log=log)
+    for m in members:
+        assert icl_gd.load(os.path.join(copy, sweep.member_name(m))).step == 15
     results = sweep.run_sweep(members, copy, log=lambda _: None)
-    assert [r.status for r in results] == ["skipped", "resumed", "skipped"]
-    assert results[1].start_step == 15 and results[1].final_step == 30
-    for a, b in zip(params_of(victim), expected, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert _mtimes(untouched) == before
+    assert [(r.status, r.start_step, r.final_step) for r in results] == [("resumed", 15, 30)] * 3
+    for m in members:
+        name = sweep.member_name(m)
+        for a, b in zip(params_of(os.path.join(copy, name)), params_of(os.path.join(root, name)), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_diverging_member_fails_alone(tmp_path):
