@@ -146,8 +146,11 @@ def _heatmap(ax, m: np.ndarray, title: str, xlabels: list[str], ylabels: list[st
     ax.set_xticks(range(m.shape[1]), xlabels, fontsize=8)
     ax.set_yticks(range(m.shape[0]), ylabels, fontsize=8)
     if annotate and m.size <= 64:
+        decimals = int(np.clip(2 - np.floor(np.log10(vmax)), 0, 6))  # same width for every cell
         for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
+            text = f"{v:.{decimals}f}"
+            text = text.lstrip("-") if float(text) == 0 else text
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
                     color="white" if abs(v) > 0.6 * vmax else "black")
     plt.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return im
@@ -163,7 +166,7 @@ def plot_weights(run: Run, path: str, max_rows: int = 6) -> None:
         rows += [(layer, head, b[head], u[head]) for head in range(len(b))]
     rows = rows[:max_rows]
     labels = _labels(cfg.d)
-    fig, axes = plt.subplots(len(rows), 2, figsize=(9, 3.8 * len(rows)), squeeze=False,
+    fig, axes = plt.subplots(len(rows), 2, figsize=(7.5, 3.8 * len(rows)), squeeze=False,
                              gridspec_kw={"width_ratios": [4, 1]})
     for (layer, head, b, u), (ax_b, ax_u) in zip(rows, axes):
         tag = f"layer {layer}" + (f", head {head}" if cfg.heads > 1 else "")
