@@ -89,6 +89,9 @@ def sbatch_script(sweep_args: Sequence[str], root: str, num_shards: int, spec: S
         f"#SBATCH --output={logs}/%A_%a.out",
         f"#SBATCH --time={spec.time}",
         f"#SBATCH --cpus-per-task={spec.cpus_per_task}",
+        # SIGTERM 2 min before the limit: the sweep checkpoints every member and exits 143;
+        # re-submitting resumes (the batch shell execs python, so python gets the signal).
+        "#SBATCH --signal=B:TERM@120",
     ]
     sub_opts = []
     if spec.partition:
