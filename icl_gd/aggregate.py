@@ -10,6 +10,11 @@ own held-out set:
 * ``pgd_loss`` / ``pgd_scale``: the same with the preconditioner s * Gamma*, Gamma* the
   one-step optimum (closed-form members only). At depth 1 this is s ~ 1 and loss ~ L*.
 
+When ``icl_gd.baselines`` is importable, its ``evaluate`` adds ``baseline_<name>`` columns
+(zero, ols, bayes = posterior mean, gd_k / pgd_k with per-step tuned step sizes and the oracle
+Sigma^-1 preconditioner, k = 1..depth), scored on the same held-out tasks; the Bayes-optimal
+loss is drawn in the depth figure.
+
 Figures (matplotlib Agg): ``loss_vs_depth.png`` (learned eval loss vs depth per covariance /
 noise, GD-k and PGD-k beside it) and ``eta_vs_noise.png`` (learned eta vs eta* = tr(Gamma*)/d).
 """
@@ -27,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from icl_gd import analysis, theory
 from icl_gd.checkpoint import Checkpointer
@@ -114,7 +120,23 @@ def member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]
         row["gd_eta"], row["gd_loss"] = best_step_gd(cfg, np.eye(cfg.d))
         if optimum is not None:
             row["pgd_scale"], row["pgd_loss"] = best_step_gd(cfg, optimum[0])
+        row.update(external_baselines(cfg))
     return row
+
+
+def external_baselines(cfg: Config) -> dict[str, float]:
+    """``baseline_<name>`` losses from ``icl_gd.baselines.evaluate`` when that module exists (it is
+    optional here: any failure costs the columns, never the aggregation)."""
+    try:
+        from icl_gd import baselines
+    except ImportError:
+        return {}
+    try:
+        out = baselines.evaluate(cfg, max_steps=cfg.depth, num_tune_tasks=4096)
+        return {f"baseline_{name}": float(v["loss"]) for name, v in out.items()}
+    except Exception as e:  # noqa: BLE001 - optional extra columns
+        logging.warning("icl_gd.baselines.evaluate failed for %s: %s", member_name(cfg), e)
+        return {}
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
@@ -175,6 +197,9 @@ def plot_loss_vs_depth(rows: Sequence[dict[str, Any]], path: str) -> None:
             ys = [np.nanmean([_num(r, col) for r in by_depth[L]]) for L in depths]
             if np.any(np.isfinite(ys)):
                 ax.plot(depths, ys, "s--", color=color, label=label)
+        bayes = np.nanmean([_num(r, "baseline_bayes") for r in rs])
+        if np.isfinite(bayes):
+            ax.axhline(bayes, color="C3", ls="--", lw=1, label="Bayes-optimal (posterior mean)")
         star = np.nanmean([_num(r, "loss_star") for r in rs])
         if np.isfinite(star):
             ax.axhline(star, color="k", ls=":", lw=1, label="L* (best 1 layer)")
