@@ -206,12 +206,10 @@ def pgd_weights(x: jax.Array, y: jax.Array, gammas: jax.Array) -> jax.Array:
         w_{l+1} = w_l + (1/n) Gamma_l X^T (y - X w_l),   gammas [k, d, d],   x [B, n, d] -> [B, d].
     """
     n = x.shape[1]
-
-    def step(w, gamma):
+    w = jnp.zeros(x.shape[::2], x.dtype)
+    for gamma in gammas:  # k is small and static: unrolled, no scan to compile
         grad = jnp.einsum("bnd,bn->bd", x, y - jnp.einsum("bnd,bd->bn", x, w)) / n
-        return w + grad @ gamma.T, None
-
-    w, _ = jax.lax.scan(step, jnp.zeros(x.shape[::2], x.dtype), gammas)
+        w = w + grad @ gamma.T
     return w
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from icl_gd import analysis, theory
 from icl_gd.config import Config
-from icl_gd.data import TaskSpec, covariance_matrix, distribution, sample_tasks
+from icl_gd.data import Tasks, covariance_matrix
 from icl_gd.model import apply, gd_params, init_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +26,13 @@ def _gamma(seed: int) -> np.ndarray:
     return np.eye(D) * 0.8 + 0.3 * np.random.default_rng(seed).standard_normal((D, D))
 
 
-def _tasks(cfg: Config, batch: int = 32):
-    return sample_tasks(jax.random.PRNGKey(7), distribution(cfg), TaskSpec.from_config(cfg), batch)
+def _tasks(cfg: Config, batch: int = 32) -> Tasks:
+    """Gaussian tasks from NumPy (the weight-reading tests need any inputs, not the sampler's)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((batch, cfg.n + 1, cfg.d))
+    y = x @ rng.standard_normal(cfg.d) + 0.1 * rng.standard_normal((batch, cfg.n + 1))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    return Tasks(f32(x[:, :-1]), f32(y[:, :-1]), f32(x[:, -1]), f32(y[:, -1]))
 
 
 @pytest.mark.parametrize("parameterization,heads", [("full", 1), ("sparse", 1), ("full", 2)])

@@ -9,7 +9,7 @@ import pytest
 
 from icl_gd import theory
 from icl_gd.config import Config
-from icl_gd.data import TaskSpec, covariance_matrix, distribution, prior_covariance, sample_tasks
+from icl_gd.data import Tasks, TaskSpec, covariance_matrix, distribution, prior_covariance
 
 Z = 5.0  # allowed |MC - exact| in standard errors (fixed keys: deterministic, and a miss at 5 s.e. is ~1e-6)
 MC_TASKS, MC_BATCHES = 2**17, 16
@@ -131,7 +131,8 @@ def test_multistep_references():
     cfg = CASES[0]
     sigma, omega, n, noise = _exact(cfg)
     dist, spec = distribution(cfg), TaskSpec.from_config(cfg)
-    tasks = sample_tasks(jax.random.PRNGKey(20), dist, spec, 64)
+    x, y, xq, yq, _ = _numpy_tasks(cfg, 64, seed=20)
+    tasks = Tasks(*(jnp.asarray(a, jnp.float32) for a in (x, y, xq, yq)))
     etas, p = jnp.array([0.9, 0.4, 0.2]), jnp.asarray(np.linalg.inv(sigma), jnp.float32)
     via_krylov = theory.krylov_features(tasks, p, 3) @ theory.step_polynomial(etas)
     np.testing.assert_allclose(via_krylov, theory.scaled_pgd_predict(tasks, etas, p), rtol=2e-4, atol=2e-4)
