@@ -366,8 +366,9 @@ def write_run_report(run: Run, out_dir: str, title: str | None = None, **kwargs)
     os.makedirs(out_dir, exist_ok=True)
     summary = analyze_run(run, **kwargs)
     figures = {}
-    plot_training(summary, os.path.join(out_dir, "training.png"))
-    figures["training"] = "training.png"
+    if summary["history"]:
+        plot_training(summary, os.path.join(out_dir, "training.png"))
+        figures["training"] = "training.png"
     if summary["gamma_learned"] is not None or "layers" in summary:
         plot_gamma(summary, os.path.join(out_dir, "gamma.png"))
         figures["gamma"] = "gamma.png"
