@@ -27,11 +27,12 @@ the x block (so B = [[A, 0], [0, 0]]), W_V maps only y to y, and h reads only y.
 
 The layer is computed associatively: Z (W_Q^T W_K (Z_c^T Z_c) W_V^T), cost O(n (d+1)^2)
 per task, never the (n+1) x n score matrix; ``apply_naive`` keeps that form as a test oracle.
-The last layer only needs the query row, so it is computed query-first instead, cost
-O(n (d+1)) per task: a = W_K^T W_Q z_q, s_i = z_i^T a, out = z_q + (1/n) W_V sum_i s_i z_i.
-Its contractions over the d+1 features are unrolled into elementwise ops (one [B, n] array per
-feature) because XLA:CPU runs batched tiny dots (one small matmul per task) several times
-slower than the fused elementwise loops; see docs/BENCHMARKS.md.
+The last layer only needs the query row, so with the readout folded in it is computed
+query-first, cost O(n (d+1)) per task: a = W_K^T W_Q z_q, u = W_V^T h,
+yhat = h^T z_q + (1/n) sum_i (u^T z_i)(z_i^T a). Its sums over the d+1 features are unrolled
+into elementwise ops (one [B, n] array per feature) because XLA:CPU runs batched tiny dots (one
+small matmul per task) and small reductions several times slower than fused elementwise
+loops; see docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -120,22 +121,24 @@ def _linear_layer(z: jax.Array, layer: Params, cfg: Config, query_only: bool) ->
 _UNROLL_MAX = 17  # unroll the last layer's feature contractions up to this d+1 (HLO grows as d)
 
 
-def _last_linear_layer(z: jax.Array, layer: Params, cfg: Config) -> jax.Array:
-    """The query row after the last residual LSA layer, query-first. z [B, n+1, d+1] -> [B, d+1].
+def _last_layer_prediction(z: jax.Array, layer: Params, h: jax.Array, cfg: Config) -> jax.Array:
+    """yhat [B] = h^T (query row after the last residual LSA layer), query-first; z [B, n+1, d+1].
 
-    Same value as ``_linear_layer(..., query_only=True)`` in O(n (d+1)) instead of
-    O(n (d+1)^2) per task, with the feature sums written as elementwise ops (see module doc).
+    h^T z_q + (1/n) sum_heads sum_i (u^T z_i)(z_i^T a), with a = W_K^T W_Q z_q and u = W_V^T h:
+    the same value as ``_linear_layer(..., query_only=True) @ h`` in O(n (d+1)) instead of
+    O(n (d+1)^2) per task, with the feature sums unrolled into elementwise ops and a single
+    reduction over n per head (XLA:CPU runs small reductions and batched dots slowly).
     """
     n, dim = cfg.n, cfg.d + 1
     wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
     zq = z[:, n]  # [B, d+1]
     # split (not indexing): its transpose is one concatenate, not d+1 padded copies.
     ctx = [f[:, :n, 0] for f in jnp.split(z, dim, axis=-1)]  # d+1 x [B, n]
-    a = jnp.einsum("br,hkr,hki->hbi", zq, wq, wk)  # W_K^T W_Q z_q per head, [H, B, d+1]
-    a_cols = jnp.split(a, dim, axis=-1)  # d+1 x [H, B, 1]
-    s = sum(a_cols[i] * ctx[i] for i in range(dim))  # scores s_i = z_i^T a, [H, B, n]
-    v = jnp.stack([jnp.sum(s * ctx[j], axis=-1) for j in range(dim)], axis=-1)  # [H, B, d+1]
-    return zq + jnp.einsum("hbj,hlj->bl", v, wv) / n
+    a = jnp.split(jnp.einsum("br,hkr,hki->hbi", zq, wq, wk), dim, axis=-1)  # d+1 x [H, B, 1]
+    u = jnp.split(jnp.einsum("hlj,l->hj", wv, h)[:, None, :], dim, axis=-1)  # d+1 x [H, 1, 1]
+    scores = sum(a[i] * ctx[i] for i in range(dim))  # z_i^T a, [H, B, n]
+    values = sum(u[j] * ctx[j] for j in range(dim))  # u^T z_i, [H, B, n]
+    return zq @ h + jnp.sum(scores * values, axis=(0, 2)) / n
 
 
 def _softmax_layer(z: jax.Array, layer: Params, cfg: Config, query_only: bool) -> jax.Array:
@@ -166,11 +169,11 @@ def apply(params: Params, x: jax.Array, y: jax.Array, x_query: jax.Array, cfg: C
     if cfg.attention == "linear" and cfg.d + 1 <= _UNROLL_MAX:
         for layer in layers[:-1]:
             z = layer_fn(z, layer, cfg, query_only=False)
-        z = _last_linear_layer(z, layers[-1], cfg)
+        pred = _last_layer_prediction(z, layers[-1], params["h"], cfg)
     else:
         for i, layer in enumerate(layers):
             z = layer_fn(z, layer, cfg, query_only=i == len(layers) - 1)
-    pred = z @ params["h"]
+        pred = z @ params["h"]
     chex.assert_shape(pred, (x.shape[0],))
     return pred
 
