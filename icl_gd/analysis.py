@@ -4,11 +4,13 @@ Notation of ``icl_gd.model``: B = W_K^T W_Q ((d+1) x (d+1)), u = W_V^T h, blocks
 rows/columns), _yx (row d, columns < d), and so on. A one-layer model predicts
 
     yhat = h_x^T x_q + (1/n) sum_i (u_x^T x_i + u_y y_i)(x_i^T B_xx x_q + y_i B_yx x_q)
-         = x_q^T [Gamma g + h_x + B_xx^T Sigma_hat u_x + B_yx^T (u_x^T g) + u_y (y^T y / n) B_yx^T],
+         = x_q^T [Gamma g + h_x + B_xx^T Sigma_hat u_x + u_y (y^T y / n) B_yx^T],
 
-with g = X^T y / n, Sigma_hat = X^T X / n and Gamma = u_y B_xx^T (summed over heads). Only the
-first term is GD; ``one_layer_terms`` reports the others. (Query y-entry is 0, so B_xy, B_yy and
-h_y's direct term never reach the prediction.)
+with g = X^T y / n, Sigma_hat = X^T X / n and Gamma = u_y B_xx^T + B_yx^T u_x^T (summed over
+heads). The rank-one part B_yx^T u_x^T is linear in g too, so it belongs to the GD step: a
+single head rarely uses it (u_x and B_yx also feed the non-GD terms), but with several heads one
+head can carry it alone. Only Gamma g is GD; ``one_layer_terms`` reports the others. (The
+query's y-entry is 0, so B_xy, B_yy and h_y's direct term never reach the prediction.)
 """
 
 from __future__ import annotations
@@ -40,16 +42,16 @@ def layer_blocks(params: Params, cfg: Config, layer: int = 0) -> tuple[np.ndarra
 
 
 def effective_gamma(params: Params, cfg: Config, layer: int = 0) -> np.ndarray:
-    """Gamma_eff of one linear-attention layer: sum_h u_{h,y} (B_h)_xx^T.
+    """Gamma_eff of one linear-attention layer: sum_h (u_{h,y} (B_h)_xx^T + (B_h)_yx^T u_{h,x}^T).
 
-    With B = W_K^T W_Q and u = W_V^T h, the layer's GD term is
-    (1/n) sum_i u_y y_i x_i^T B_xx x_q = (1/n) x_q^T (u_y B_xx^T) X^T y (``icl_gd.model``).
-    For depth > 1 this reads layer ``layer`` through the final head h.
+    With B = W_K^T W_Q and u = W_V^T h, the layer's terms linear in g = X^T y / n are
+    (1/n) sum_i [u_y y_i x_i^T B_xx x_q + (u_x^T x_i) y_i B_yx x_q] = x_q^T (u_y B_xx^T + B_yx^T u_x^T) g
+    (module docstring; ``icl_gd.model``). For depth > 1 this reads layer ``layer`` through the final head h.
     """
     d = cfg.d
     b, wv, h = layer_blocks(params, cfg, layer)
     u = np.einsum("hrc,r->hc", wv, h)
-    return np.einsum("h,hij->ji", u[:, d], b[:, :d, :d])
+    return np.einsum("h,hij->ji", u[:, d], b[:, :d, :d]) + np.einsum("hi,hj->ij", b[:, d, :d], u[:, :d])
 
 
 def effective_eta(params: Params, cfg: Config) -> float:
@@ -66,8 +68,9 @@ def one_layer_terms(params: Params, cfg: Config, layer: int = 0) -> dict[str, fl
     """Frobenius sizes of the pieces of a one-layer prediction (module docstring) that GD says vanish.
 
     h_x: a constant linear read of x_q; Bxx_T_ux: B_xx^T u_x (x_q read against Sigma_hat, no y);
-    ux_Byx: ||u_x|| ||B_yx|| (bilinear in g); uy_Byx: |u_y| ||B_yx|| (reads y^T y / n); plus the
-    raw blocks u_x, B_yx and, for scale, ||Gamma||. Summed over heads where heads add.
+    uy_Byx: |u_y| ||B_yx|| (reads y^T y / n); plus, for reference, ux_Byx = ||u_x|| ||B_yx|| (the
+    rank-one GD part of Gamma, not an error), the raw blocks u_x, B_yx and ||Gamma||. Summed over
+    heads where heads add.
     """
     d = cfg.d
     b, wv, h = layer_blocks(params, cfg, layer)

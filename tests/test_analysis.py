@@ -85,12 +85,14 @@ def test_one_layer_decomposition(heads):
     g, cov, yy = np.einsum("bnd,bn->bd", x, y) / 6, np.einsum("bnd,bne->bde", x, x) / 6, (y**2).mean(1)
     vec = g @ analysis.effective_gamma(params, cfg).T + h[:D]
     for bh, uh in zip(b, u):
-        vec = vec + np.einsum("ij,bik,k->bj", bh[:D, :D], cov, uh[:D]) + np.outer(g @ uh[:D], bh[D, :D]) \
-            + uh[D] * yy[:, None] * bh[D, :D]
+        vec = vec + np.einsum("ij,bik,k->bj", bh[:D, :D], cov, uh[:D]) + uh[D] * yy[:, None] * bh[D, :D]
     np.testing.assert_allclose(apply(params, tasks.x, tasks.y, tasks.x_query, cfg), np.einsum("bd,bd->b", xq, vec),
                                rtol=1e-4, atol=1e-4)
     terms = analysis.one_layer_terms(params, cfg)
     assert terms["h_x"] > 0 and terms["u_x"] > 0 and terms["B_yx"] > 0
+    # Gamma_eff holds every term linear in g, the rank-one B_yx^T u_x^T included.
+    gamma_ref = sum(uh[D] * bh[:D, :D].T + np.outer(bh[D, :D], uh[:D]) for bh, uh in zip(b, u))
+    np.testing.assert_allclose(analysis.effective_gamma(params, cfg), gamma_ref, rtol=1e-12)
 
 
 def test_metrics():
