@@ -52,6 +52,7 @@ from icl_gd import theory
 from icl_gd.checkpoint import Checkpointer, check_same_run, read_config, write_config
 from icl_gd.config import OPERATIONAL_FIELDS, Config, ConfigError
 from icl_gd.data import distribution
+from icl_gd.locks import RunLock
 from icl_gd.train import Preempted, TrainState, init_state, make_eval, make_optimizer, make_train_chunk, run_keys
 
 # Fields that only change the Distribution arrays or the keys: members differing only in these
@@ -300,11 +301,31 @@ class _Active:
     start_step: int
     final_step: int = 0
     failed: str = ""
+    lock: RunLock | None = None
 
 
 def _open_member(cfg: Config, root: str, log: Callable[[str], None]) -> _Active | MemberResult:
-    """Check, create or resume one member's folder; a MemberResult if it is already finished."""
+    """Claim, check, create or resume one member's folder; a MemberResult if it is already
+    finished or another sweep process is training it (status 'busy')."""
     workdir = os.path.join(root, member_name(cfg))
+    lock = None
+    if jax.process_count() == 1:  # a multi-process runtime trains every member collectively
+        lock = RunLock(workdir)
+        if not lock.acquire():
+            holder = lock.holder() or {}
+            log(f"{member_name(cfg)}: claimed by {holder.get('host')}:{holder.get('pid')}, skipping")
+            return MemberResult(member_name(cfg), cfg, workdir, "busy", 0, 0,
+                                message=f"claimed by {holder.get('host')}:{holder.get('pid')}")
+    try:
+        return _open_claimed(cfg, workdir, lock, log)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _open_claimed(cfg: Config, workdir: str, lock: RunLock | None,
+                  log: Callable[[str], None]) -> _Active | MemberResult:
     check_same_run(workdir, cfg)
     if jax.process_index() == 0 and read_config(workdir) is None:  # never rewrite a finished member's files
         write_config(workdir, cfg)
@@ -313,13 +334,15 @@ def _open_member(cfg: Config, root: str, log: Callable[[str], None]) -> _Active 
     latest = ckpt.latest_step()
     if latest is not None and latest >= cfg.steps:
         ckpt.close()
+        if lock is not None:
+            lock.release()
         return MemberResult(member_name(cfg), cfg, workdir, "skipped", latest, latest)
     state, history = init_state(cfg, make_optimizer(cfg)), []
     if latest is not None:
         state, _, history = ckpt.restore(state)
         state = state if isinstance(state, TrainState) else TrainState(*state)
         log(f"{member_name(cfg)}: resuming from step {latest}")
-    return _Active(cfg, workdir, ckpt, state, history, int(state.step), int(state.step))
+    return _Active(cfg, workdir, ckpt, state, history, int(state.step), int(state.step), lock=lock)
 
 
 def train_group(members: Sequence[Config], root: str, fns: GroupFns | None = None,
@@ -347,6 +370,8 @@ def train_group(members: Sequence[Config], root: str, fns: GroupFns | None = Non
         finally:
             for a in active:
                 a.ckpt.close()
+                if a.lock is not None:
+                    a.lock.release()
         for a in active:
             status = "failed" if a.failed else ("resumed" if a.start_step else "trained")
             last = a.history[-1]["eval_loss"] if a.history else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import signal
 import socket
 import stat
@@ -298,3 +299,22 @@ def test_emitted_sbatch_script(tmp_path):
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 2 and calls[0].endswith(str(script))
     assert "--dependency=afterok:4242" in calls[1] and "--only_aggregate" in calls[1]
+
+
+def test_two_concurrent_sweeps_on_one_root_train_each_member_once(tmp_path):
+    """Two processes start the same sweep at once: each member is trained by exactly one of them
+    (the other sees it claimed or finished), and every checkpoint ends complete."""
+    args = [f"--workdir={tmp_path}", *CLI_GRID, "--noaggregate"]
+    env = sub_env()
+    procs = [subprocess.Popen([sys.executable, "-m", "launch.sweep", *args], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    trained = 0
+    for out, _ in outs:
+        line = next(ln for ln in out.splitlines() if ln.startswith("sweep slice done"))
+        trained += sum(int(k) for k in re.findall(r"(\d+) (?:trained|resumed)", line))
+    members = [m for m in os.listdir(tmp_path) if os.path.isdir(tmp_path / m)]
+    assert len(members) == 6 and trained == 6
+    for m in members:
+        assert icl_gd.load(str(tmp_path / m)).step == 30
