@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -119,20 +120,36 @@ def _memory_record(compiled: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 # Timing.
 # ---------------------------------------------------------------------------------------
-def timed(call: Callable[..., Any], repeats: int, prepare: Callable[[], tuple] = tuple) -> dict[str, Any]:
+def timed(call: Callable[..., Any], repeats: int, prepare: Callable[[], tuple] = tuple,
+          partner: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Median wall time of ``call(*prepare())`` (outputs blocked on) after one warm-up call;
-    ``prepare`` runs outside the clock (e.g. fresh copies of donated buffers)."""
+    ``prepare`` runs outside the clock (e.g. fresh copies of donated buffers). A ``partner``
+    is timed interleaved with it, repeat by repeat, so a ratio of the two sees the same load
+    from other processes (``partner_*`` entries)."""
     jax.block_until_ready(call(*prepare()))
-    times, cpu = [], []
+    if partner is not None:
+        jax.block_until_ready(partner())
+    out: dict[str, list[float]] = {"all_s": [], "cpu": [], "partner_all_s": [], "partner_cpu": []}
+
+    def clock(fn: Callable[[], Any], prefix: str) -> None:
+        c0, t0 = time.process_time(), time.perf_counter()
+        jax.block_until_ready(fn())
+        out[prefix + "all_s"].append(time.perf_counter() - t0)
+        out[prefix + "cpu"].append(time.process_time() - c0)
+
     for _ in range(repeats):
         args = jax.block_until_ready(prepare())
-        c0, t0 = time.process_time(), time.perf_counter()
-        jax.block_until_ready(call(*args))
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+        clock(functools.partial(call, *args), "")
+        if partner is not None:
+            clock(partner, "partner_")
     # CPU seconds (all threads of this process) are less sensitive than wall time to other
     # processes sharing the cores; both are kept.
-    return {"median_s": statistics.median(times), "all_s": times, "cpu_median_s": statistics.median(cpu)}
+    res: dict[str, Any] = {"median_s": statistics.median(out["all_s"]), "all_s": out["all_s"],
+                           "cpu_median_s": statistics.median(out["cpu"])}
+    if partner is not None:
+        res.update(partner_median_s=statistics.median(out["partner_all_s"]), partner_all_s=out["partner_all_s"],
+                   partner_cpu_median_s=statistics.median(out["partner_cpu"]))
+    return res
 
 
 def _compile(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
@@ -159,9 +176,11 @@ def _attention(kind: str) -> Iterator[None]:
         loss_lib.apply = original
 
 
-def time_train_step(cfg: Config, steps: int, repeats: int, attention: str = "assoc") -> dict[str, Any]:
+def time_train_step(cfg: Config, steps: int, repeats: int, attention: str = "assoc",
+                    partner: Callable[[], Any] | None = None) -> dict[str, Any]:
     """The real training step (``make_train_chunk``: sample + forward + backward + optax
-    update), ``steps`` of it scanned in one compiled call with donated state, as ``train`` runs it."""
+    update), ``steps`` of it scanned in one compiled call with donated state, as ``train`` runs
+    it. ``partner`` (e.g. the floor) is timed interleaved with it; see ``timed``."""
     optimizer = make_optimizer(cfg)
     chunk = jax.jit(make_train_chunk(cfg, optimizer), static_argnames="length", donate_argnums=0)
     state0 = init_state(cfg, optimizer)
@@ -170,12 +189,16 @@ def time_train_step(cfg: Config, steps: int, repeats: int, attention: str = "ass
         compiled, compile_s = _compile(chunk, state0, dist, key, length=steps)
 
     # The step donates its state: each call gets a fresh copy, made outside the clock.
-    t = timed(lambda state: compiled(state, dist, key), repeats, lambda: (jax.tree.map(jnp.copy, state0),))
+    t = timed(lambda state: compiled(state, dist, key), repeats, lambda: (jax.tree.map(jnp.copy, state0),),
+              partner)
     step_s = t["median_s"] / steps
-    return {"compile_s": compile_s, "step_s": step_s, "step_cpu_s": t["cpu_median_s"] / steps,
-            "steps_per_s": 1.0 / step_s, "task_cpu_us": 1e6 * t["cpu_median_s"] / steps / cfg.batch_size,
-            "tasks_per_s": cfg.batch_size / step_s, "task_us": 1e6 * step_s / cfg.batch_size,
-            "all_s": t["all_s"], "memory": _memory_record(compiled)}
+    out = {"compile_s": compile_s, "step_s": step_s, "step_cpu_s": t["cpu_median_s"] / steps,
+           "steps_per_s": 1.0 / step_s, "task_cpu_us": 1e6 * t["cpu_median_s"] / steps / cfg.batch_size,
+           "tasks_per_s": cfg.batch_size / step_s, "task_us": 1e6 * step_s / cfg.batch_size,
+           "all_s": t["all_s"], "memory": _memory_record(compiled)}
+    if partner is not None:
+        out["partner"] = {k[len("partner_"):]: v for k, v in t.items() if k.startswith("partner_")}
+    return out
 
 
 def make_floor(cfg: Config) -> Callable:
@@ -196,16 +219,26 @@ def make_floor(cfg: Config) -> Callable:
     return floor
 
 
-def time_floor(cfg: Config, steps: int, repeats: int) -> dict[str, Any]:
-    """Sampling alone, in the same kind of scanned loop as the step."""
+def floor_program(cfg: Config, steps: int) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """The compiled floor as a no-argument call, and its compile time and memory."""
     fn = jax.jit(make_floor(cfg), static_argnames="length")
     dist, key = distribution(cfg), run_keys(cfg.seed)["train"]
     compiled, compile_s = _compile(fn, dist, key, length=steps)
-    t = timed(lambda: compiled(dist, key), repeats)
-    step_s = t["median_s"] / steps
-    return {"compile_s": compile_s, "step_s": step_s, "step_cpu_s": t["cpu_median_s"] / steps,
-            "tasks_per_s": cfg.batch_size / step_s,
-            "all_s": t["all_s"], "memory": _memory_record(compiled)}
+    return (lambda: compiled(dist, key)), {"compile_s": compile_s, "memory": _memory_record(compiled)}
+
+
+def _floor_record(cfg: Config, steps: int, median_s: float, cpu_median_s: float, all_s: list[float],
+                  info: dict[str, Any]) -> dict[str, Any]:
+    step_s = median_s / steps
+    return {**info, "step_s": step_s, "step_cpu_s": cpu_median_s / steps, "tasks_per_s": cfg.batch_size / step_s,
+            "all_s": all_s}
+
+
+def time_floor(cfg: Config, steps: int, repeats: int) -> dict[str, Any]:
+    """Sampling alone, in the same kind of scanned loop as the step."""
+    call, info = floor_program(cfg, steps)
+    t = timed(call, repeats)
+    return _floor_record(cfg, steps, t["median_s"], t["cpu_median_s"], t["all_s"], info)
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,21 +249,24 @@ def _base(s: Settings, **kw: Any) -> Config:
 
 
 def throughput(s: Settings, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Step vs floor for every (depth, parameterisation) at (d, n, batch)."""
-    floor = time_floor(_base(s), s.steps, s.repeats)
-    log(f"floor: {1e3 * floor['step_s']:.2f} ms/step ({floor['tasks_per_s']:.3g} tasks/s)")
+    """Step vs floor for every (depth, parameterisation) at (d, n, batch); the floor is re-timed
+    interleaved with each step (same load on the cores for both halves of the ratio)."""
+    floor_call, floor_info = floor_program(_base(s), s.steps)
     rows = []
     for depth in s.depths:
         for par in s.parameterizations:
             cfg = _base(s, depth=depth, parameterization=par)
-            r = time_train_step(cfg, s.steps, s.repeats)
+            r = time_train_step(cfg, s.steps, s.repeats, partner=floor_call)
+            p = r.pop("partner")
+            floor = _floor_record(cfg, s.steps, p["median_s"], p["cpu_median_s"], p["all_s"], floor_info)
             row = {"depth": depth, "parameterization": par, "d": s.d, "n": s.n, "batch_size": s.batch_size,
                    "steps_per_call": s.steps, "repeats": s.repeats, "step": r, "floor": floor,
                    "step_over_floor": r["step_s"] / floor["step_s"]}
             row["meets_goal"] = row["step_over_floor"] <= STEP_FLOOR_GOAL
             rows.append(row)
             log(f"L={depth} {par:6s}: {1e3 * r['step_s']:.2f} ms/step  {r['steps_per_s']:.1f} steps/s  "
-                f"{r['tasks_per_s']:.3g} tasks/s  step/floor {row['step_over_floor']:.2f}  "
+                f"{r['tasks_per_s']:.3g} tasks/s  floor {1e3 * floor['step_s']:.2f} ms  "
+                f"step/floor {row['step_over_floor']:.2f}  "
                 f"(compile {r['compile_s']:.2f}s)")
     return rows
 
@@ -339,7 +375,8 @@ def to_markdown(res: dict[str, Any], log_text: str = "(no entries yet)") -> str:
         f"d={s['d']}, n={s['n']}, batch {s['batch_size']}, {s['steps']} steps per compiled call, "
         f"{s['repeats']} repeats. Step = `train.make_train_chunk` (sample fresh tasks + forward + backward",
         "+ Adam update) scanned and jitted with donated state, as `train.train` runs it. Floor = sampling",
-        f"the same batch alone in the same kind of scan. Goal: step/floor <= {STEP_FLOOR_GOAL} (wall time; the",
+        "the same batch alone in the same kind of scan, timed interleaved with each step (call by call),",
+        f"so both halves of the ratio see the same load. Goal: step/floor <= {STEP_FLOOR_GOAL} (wall time; the",
         "CPU-seconds ratio, all threads of the process, is less disturbed by other processes on the cores).",
         "",
         "| L | params | steps/s | tasks/s | step ms | floor ms | step/floor | goal | step/floor (CPU s) "
