@@ -309,7 +309,8 @@ def _open_member(cfg: Config, root: str, log: Callable[[str], None]) -> _Active 
     finished or another sweep process is training it (status 'busy')."""
     workdir = os.path.join(root, member_name(cfg))
     lock = None
-    if jax.process_count() == 1:  # a multi-process runtime trains every member collectively
+    # Finished members need no claim; a multi-process runtime trains every member collectively.
+    if jax.process_count() == 1 and not _finished(workdir, cfg):
         lock = RunLock(workdir)
         if not lock.acquire():
             holder = lock.holder() or {}
@@ -322,6 +323,12 @@ def _open_member(cfg: Config, root: str, log: Callable[[str], None]) -> _Active 
         if lock is not None:
             lock.release()
         raise
+
+
+def _finished(workdir: str, cfg: Config) -> bool:
+    """A finalised checkpoint at ``steps`` exists (orbax names only finished step folders as bare digits)."""
+    path = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(path) and any(e.isdigit() and int(e) >= cfg.steps for e in os.listdir(path))
 
 
 def _open_claimed(cfg: Config, workdir: str, lock: RunLock | None,
