@@ -47,12 +47,12 @@ class Settings:
     depths: tuple[int, ...] = (1, 3)
     parameterizations: tuple[str, ...] = ("full", "sparse")
     steps: int = 20  # training steps per timed compiled call (throughput, floor)
-    repeats: int = 5
+    repeats: int = 7
     scaling_ns: tuple[int, ...] = (20, 80, 320, 1280, 4096)
     scaling_tokens: int = 4096 * 21  # batch * (n+1) per step in the n sweep (per-task time comparable)
     naive_score_bytes: int = 2**27  # cap on one step's naive score matrix B (n+1) n * 4 bytes
-    scaling_steps: int = 3
-    scaling_repeats: int = 3
+    scaling_steps: int = 5
+    scaling_repeats: int = 5
 
     @classmethod
     def quick(cls) -> Settings:
