@@ -19,7 +19,7 @@ With one layer, u = W_V^T h and B = W_K^T W_Q, the prediction is
 
       yhat = h^T z_q + (1/n) sum_i (u^T z_i)(z_i^T B z_q),
 
-whose GD part is (1/n) x_q^T Gamma X^T y with Gamma = u_y B_xx^T (see ``analysis``).
+whose GD part is (1/n) x_q^T Gamma X^T y with Gamma = u_y B_xx^T + B_yx^T u_x^T (see ``analysis``).
 
 Parameterisations: ``full`` learns every entry (Mahankali et al.'s model); ``sparse`` is the
 Ahn et al. form, enforced by fixed masks applied in the forward pass: W_K and W_Q read only

@@ -198,7 +198,7 @@ def plot_gamma(summary: dict, path: str) -> None:
         g, gs = np.asarray(summary["gamma_learned"]), np.asarray(summary["gamma_star"])
         vmax = float(max(np.abs(g).max(), np.abs(gs).max()))
         fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-        _heatmap(axes[0], g, "learned Gamma_eff = u_y B_xx^T", xl, xl, vmax)
+        _heatmap(axes[0], g, "learned Gamma_eff (from W_K^T W_Q, W_V^T h)", xl, xl, vmax)
         src = "closed form" if summary["loss_star_source"] == "closed_form" else "Monte Carlo"
         _heatmap(axes[1], gs, f"theory Gamma* ({src})", xl, xl, vmax)
         _heatmap(axes[2], g - gs, "Gamma_eff - Gamma*", xl, xl)
