@@ -330,6 +330,10 @@ def run_suite(s: Settings, sweep_vmap_json: str = "", log: Callable[[str], None]
 # ---------------------------------------------------------------------------------------
 # Markdown.
 # ---------------------------------------------------------------------------------------
+def _loads(loads: list[float] | None) -> str:
+    return "n/a" if not loads else " / ".join(f"{v:.2f}" for v in loads)
+
+
 def _mb(b: int | None) -> str:
     return "n/a" if b is None else f"{b / 2**20:.1f}"
 
@@ -365,7 +369,7 @@ def to_markdown(res: dict[str, Any], log_text: str = "(no entries yet)") -> str:
         "## Machine",
         "",
         f"- CPU: {m['cpu_model']}, {m['cpu_count']} cores; load average (1/5/15 min) at start "
-        f"{m['load_average_start']}, at end {m.get('load_average_end')}",
+        f"{_loads(m['load_average_start'])}, at end {_loads(m.get('load_average_end'))} (other jobs share the cores)",
         f"- JAX {m['jax']}, backend `{m['backend']}`, device `{m['device']}` ({m['device_kind']}); "
         f"Python {m['python']}; {m['platform']}",
         f"- Suite wall time {res['wall_s']:.0f} s; process peak RSS {m.get('peak_rss_mb_end', 0):.0f} MiB",
