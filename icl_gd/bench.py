@@ -56,7 +56,7 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(batch_size=1024, steps=10, repeats=3, scaling_ns=(20, 80, 320, 1280),
+        return cls(batch_size=1024, parameterizations=("full",), steps=10, repeats=3, scaling_ns=(20, 80, 320, 1280),
                    scaling_tokens=1024 * 21, naive_score_bytes=2**25, scaling_steps=2, scaling_repeats=3)
 
 
