@@ -14,6 +14,7 @@ from typing import Any
 COVARIANCES = ("isotropic", "cond", "eigenvalues")
 X_DISTS = ("gaussian", "sphere", "student_t")
 WEIGHT_PRIORS = ("identity", "inverse")
+NOISE_DISTS = ("gaussian", "laplace", "heteroscedastic")
 TARGETS = ("linear", "tanh", "relu_net")
 PARAMETERIZATIONS = ("full", "sparse")
 ATTENTIONS = ("linear", "softmax")
@@ -57,6 +58,7 @@ class Config:
     dof: float = _f(5.0, "Degrees of freedom of --x_dist=student_t (heavy-tailed radius); must be > 2.")
     weight_prior: str = _f("identity", "Prior of w: identity (w ~ N(0, I)) or inverse (w ~ N(0, Sigma^-1)).")
     noise: float = _f(0.0, "Label noise std sigma (eps ~ N(0, sigma^2) on every pair, the query included).")
+    noise_dist: str = _f("gaussian", f"Law of the label noise, all of variance sigma^2: one of {NOISE_DISTS}.")
     target: str = _f("linear", f"Target family f(x): one of {TARGETS}.")
     relu_width: int = _f(16, "Hidden width of the random two-layer ReLU target (--target=relu_net).")
     # --- model ---------------------------------------------------------------------------
@@ -120,6 +122,7 @@ class Config:
         _choice(self, "x_dist", X_DISTS)
         _choice(self, "weight_prior", WEIGHT_PRIORS)
         _choice(self, "target", TARGETS)
+        _choice(self, "noise_dist", NOISE_DISTS)
         _choice(self, "parameterization", PARAMETERIZATIONS)
         _choice(self, "attention", ATTENTIONS)
         _choice(self, "optimizer", OPTIMIZERS)

@@ -60,10 +60,11 @@ class TaskSpec:
     dof: float = 5.0
     target: str = "linear"
     relu_width: int = 16
+    noise_dist: str = "gaussian"
 
     @classmethod
     def from_config(cls, cfg: Config) -> TaskSpec:
-        return cls(cfg.d, cfg.n, cfg.x_dist, cfg.dof, cfg.target, cfg.relu_width)
+        return cls(cfg.d, cfg.n, cfg.x_dist, cfg.dof, cfg.target, cfg.relu_width, cfg.noise_dist)
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,6 +212,23 @@ def _targets(key: jax.Array, spec: TaskSpec, x: jax.Array, w: jax.Array,
     return jnp.sqrt(2.0 / m) * jnp.einsum("bnm,bm->bn", hidden, a)
 
 
+def _unit_noise(key: jax.Array, spec: TaskSpec, x: jax.Array, sigma_sqrt: jax.Array) -> jax.Array:
+    """Label noise of unit variance, [B, n+1], scaled by sigma in ``sample_tasks``.
+
+    gaussian: N(0, 1). laplace: Laplace(0, 1/sqrt(2)) (variance 2 b^2 = 1), heavier tails, same
+    variance, independent of x — so the one-layer closed forms, which see the noise only
+    through sigma^2, still hold. heteroscedastic: N(0, |x|^2 / tr(Sigma)): E eps^2 = 1 overall,
+    but the noise grows with |x|, which the closed forms do not cover.
+    """
+    shape = x.shape[:-1]
+    if spec.noise_dist == "laplace":
+        return jax.random.laplace(key, shape) / jnp.sqrt(2.0)
+    z = normal(key, shape)
+    if spec.noise_dist == "heteroscedastic":
+        return z * jnp.sqrt(jnp.sum(x**2, axis=-1) / jnp.sum(sigma_sqrt**2))
+    return z
+
+
 def sample_tasks(key: jax.Array, dist: Distribution, spec: TaskSpec, batch: int) -> Tasks:
     """Draw ``batch`` independent tasks (n context pairs + one query each)."""
     chex.assert_shape([dist.sigma_sqrt, dist.prior_sqrt], (spec.d, spec.d))
@@ -222,7 +240,7 @@ def sample_tasks(key: jax.Array, dist: Distribution, spec: TaskSpec, batch: int)
     # sigma = 0 adds exactly 0 * N(0, 1) = 0: skip the draw then (a sixth of the random bits
     # at d=5). Under vmap (sweeps) the cond becomes a select and both sides run: same values.
     y = jax.lax.cond(dist.noise == 0, lambda: y,
-                     lambda: y + dist.noise * normal(ke, (batch, n + 1)))
+                     lambda: y + dist.noise * _unit_noise(ke, spec, x, dist.sigma_sqrt))
     tasks = Tasks(x=x[:, :n], y=y[:, :n], x_query=x[:, n], y_query=y[:, n])
     chex.assert_shape(tasks.x, (batch, n, spec.d))
     chex.assert_shape(tasks.y_query, (batch,))

@@ -108,8 +108,9 @@ def ahn_preconditioner(sigma: np.ndarray, n: int) -> np.ndarray:
 
 
 def has_closed_form(cfg: Config) -> bool:
-    """The closed forms hold for Gaussian x and linear targets (any Sigma, either prior, any noise)."""
-    return cfg.x_dist == "gaussian" and cfg.target == "linear"
+    """The closed forms hold for Gaussian x, linear targets and noise independent of x (they see
+    it only through sigma^2, so Laplace noise qualifies); any Sigma, either prior."""
+    return cfg.x_dist == "gaussian" and cfg.target == "linear" and cfg.noise_dist != "heteroscedastic"
 
 
 def config_optimum(cfg: Config) -> tuple[np.ndarray, float] | None:

@@ -117,3 +117,21 @@ def test_same_key_same_tasks_and_fresh_keys_differ():
     c = sample_tasks(jax.random.PRNGKey(1), dist, spec, 8)
     np.testing.assert_array_equal(a.x, b.x)
     assert not np.allclose(a.x, c.x)
+
+
+@pytest.mark.parametrize("noise_dist", ["laplace", "heteroscedastic"])
+def test_non_gaussian_label_noise_has_variance_sigma_squared(noise_dist):
+    cfg = Config(d=3, n=5, noise=0.7, noise_dist=noise_dist, covariance="cond", cond=4.0)
+    tasks, w = _draw(cfg)
+    x = np.concatenate([np.asarray(tasks.x, np.float64), np.asarray(tasks.x_query, np.float64)[:, None]], 1)
+    y = np.concatenate([np.asarray(tasks.y, np.float64), np.asarray(tasks.y_query, np.float64)[:, None]], 1)
+    r = (y - np.einsum("bnd,bd->bn", x, w)).ravel()
+    r2 = r**2
+    assert abs(r2.mean() - 0.49) <= 5 * r2.std() / np.sqrt(r.size)
+    kurtosis = np.mean(r**4) / np.mean(r2) ** 2
+    if noise_dist == "laplace":  # Laplace kurtosis is 6 (Gaussian 3), independent of x
+        assert 5.4 < kurtosis < 6.6
+        assert abs(np.corrcoef(r2, (x**2).sum(-1).ravel())[0, 1]) < 0.02
+    else:  # the variance follows |x|^2 / tr(Sigma)
+        slope = np.mean(r2 * (x**2).sum(-1).ravel()) / np.mean((x**2).sum(-1) ** 2)
+        assert abs(slope * np.trace(covariance_matrix(cfg)) - 0.49) < 0.03
