@@ -40,18 +40,19 @@ class Size:
     def base(self, length: float = 1.0, **fields: Any) -> Config:
         """The shared base config of this size, trained ``length`` times the usual steps
         (ill-conditioned and deep models converge slower); ``fields`` override it."""
-        d, n = (3, 10) if self.quick else (5, 20)
+        tiny = self.steps != 0  # smoke-test size: every code path, no claim expected to hold
+        d, n = (2, 6) if tiny else (3, 10) if self.quick else (5, 20)
         steps = self.steps or int(length * (2000 if self.quick else 20000))
-        batch = 1024 if self.quick else 4096
-        log_every = max(1, min(500, steps // 4))
+        batch = 128 if tiny else 1024 if self.quick else 4096
+        log_every = -(-steps // 2) if tiny else max(1, min(500, steps // 4))  # tiny: one compiled length
         defaults = dict(d=d, n=n, steps=steps, batch_size=batch, log_every=log_every,
-                        checkpoint_every=max(log_every, steps // 2), eval_tasks=65536 if self.steps == 0 else 4096)
+                        checkpoint_every=max(log_every, steps // 2), eval_tasks=1024 if tiny else 65536)
         return Config(**{**defaults, **fields}).validate()
 
     @property
     def analysis_kwargs(self) -> dict[str, int]:
         small = self.steps != 0
-        return {"num_tune_tasks": 2**12 if small else 2**15, "mc_tasks": 2**14 if small else 2**18}
+        return {"num_tune_tasks": 2**10 if small else 2**15, "mc_tasks": 2**12 if small else 2**18}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,6 +386,8 @@ def run_experiment(name: str, root: str, size: Size, log: Callable[[str], None] 
     exp = EXPERIMENTS[name]
     folder = os.path.join(root, name)
     members = exp.members(size)
+    if size.steps:  # smoke-test size: two members exercise every code path (plots, depth checks)
+        members = members[:2]
     sweep.run_sweep(members, folder, log=log)
     summaries = []
     for cfg in members:

@@ -1,0 +1,41 @@
+"""launch.reproduce end to end at smoke-test size: every experiment trains, is analysed, judged,
+plotted, and lands in RESULTS.md. (At 10 steps the claims are not expected to hold: the PASS
+logic itself is tested in test_checks.py; the real numbers come from --quick runs.)"""
+
+import os
+import re
+import subprocess
+import sys
+
+from icl_gd.experiments import EXPERIMENTS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "launch.reproduce", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_every_experiment_runs_end_to_end(tmp_path):
+    md = tmp_path / "docs" / "RESULTS.md"
+    out = _run("--experiment=all", "--quick", "--steps=10", f"--workdir={tmp_path / 'runs'}", f"--results_md={md}")
+    assert out.returncode in (0, 1), out.stderr[-3000:]  # 1: some claims FAIL at 10 steps, as they should
+    assert "Traceback" not in out.stderr
+    text = md.read_text()
+    for name in EXPERIMENTS:
+        assert f"== {name}:" in out.stdout
+        assert (tmp_path / "runs" / name / f"{name}.png").stat().st_size > 10_000
+        assert (tmp_path / "docs" / "figures" / f"{name}.png").exists()
+        assert f"![{name}](figures/{name}.png)" in text
+        assert (tmp_path / "runs" / name / "results.json").exists()
+    judged = [ln for ln in out.stdout.splitlines() if re.match(r"^(PASS|FAIL)  ", ln)]
+    reports = [ln for ln in out.stdout.splitlines() if ln.startswith("REPORT ")]
+    assert len(judged) >= 20 and len(reports) >= 4
+    assert re.search(r"^\d+ passed, \d+ failed$", out.stdout, re.M)
+
+
+def test_unknown_experiment_is_a_clear_error(tmp_path):
+    out = _run("--experiment=nope", f"--workdir={tmp_path}")
+    assert out.returncode == 2 and "--experiment" in out.stderr and "Traceback" not in out.stderr
