@@ -48,7 +48,8 @@ def results_markdown(outcomes: list, quick: bool, md_path: str) -> str:
             lines += ["| claim | measured | theory / bound | tolerance | verdict |", "|---|---|---|---|---|"]
             for c in o.checks:
                 tol = f"{c.tol:.1%}" if c.kind == "rel" else f"{c.tol:.3g} ({c.kind})"
-                lines.append(f"| {c.name} | {c.measured:.4g} | {c.expected:.4g} | {tol} | "
+                name = c.name.replace("|", "\\|")  # a bare | would split the table cell
+                lines.append(f"| {name} | {c.measured:.4g} | {c.expected:.4g} | {tol} | "
                              f"{'PASS' if c.passed else 'FAIL'} |")
             lines.append("")
         if o.numbers:
