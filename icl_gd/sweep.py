@@ -37,8 +37,6 @@ import json
 import math
 import os
 import re
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,7 +51,16 @@ from icl_gd.checkpoint import Checkpointer, check_same_run, read_config, write_c
 from icl_gd.config import OPERATIONAL_FIELDS, Config, ConfigError
 from icl_gd.data import distribution
 from icl_gd.locks import RunLock
-from icl_gd.train import Preempted, TrainState, init_state, make_eval, make_optimizer, make_train_chunk, run_keys
+from icl_gd.train import (
+    Preempted,
+    SigtermFlag,
+    TrainState,
+    init_state,
+    make_eval,
+    make_optimizer,
+    make_train_chunk,
+    run_keys,
+)
 
 # Fields that only change the Distribution arrays or the keys: members differing only in these
 # share one compiled program.
@@ -256,27 +263,6 @@ def make_group_fns(rep: Config) -> GroupFns:
     )
 
 
-class _SigtermFlag:
-    """SIGTERM (scheduler pre-emption) -> a flag checked at every compiled-call boundary, so the
-    group saves every member at the step it reached and stops (``Preempted``), like ``train``."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _SigtermFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, *_: Any) -> None:
-        self.set = True
-
-    def __exit__(self, *_: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 @dataclasses.dataclass
 class MemberResult:
     """What happened to one member in this invocation."""
@@ -371,7 +357,7 @@ def train_group(members: Sequence[Config], root: str, fns: GroupFns | None = Non
         for a in active:
             by_step.setdefault(a.start_step, []).append(a)
         try:
-            with _SigtermFlag() as sigterm:
+            with SigtermFlag() as sigterm:
                 for batch in by_step.values():
                     _train_stack(batch, fns, mesh, log, sigterm)
         finally:
@@ -389,7 +375,7 @@ def train_group(members: Sequence[Config], root: str, fns: GroupFns | None = Non
 
 
 def _train_stack(batch: list[_Active], fns: GroupFns, mesh: jax.sharding.Mesh | None,
-                 log: Callable[[str], None], sigterm: _SigtermFlag | None = None) -> None:
+                 log: Callable[[str], None], sigterm: SigtermFlag | None = None) -> None:
     """The chunk loop of ``train.train``, vmapped over ``batch`` (padded to the mesh size)."""
     cfg0 = batch[0].cfg
     real = len(batch)

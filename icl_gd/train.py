@@ -7,14 +7,13 @@ A run resumed from step t therefore sees exactly the tasks the uninterrupted run
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -47,18 +46,26 @@ class Preempted(RuntimeError):
     """SIGTERM arrived (pre-emption): a checkpoint was saved and the run stopped cleanly."""
 
 
-@contextlib.contextmanager
-def _sigterm_flag() -> Iterator[dict[str, bool]]:
-    """Turn SIGTERM into a flag the loop checks at each compiled-call boundary."""
-    flag = {"set": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: flag.__setitem__("set", True))
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+class SigtermFlag:
+    """SIGTERM (scheduler pre-emption) -> a flag checked at every compiled-call boundary, so a
+    run (or a sweep group) saves a checkpoint at the step it reached and stops (``Preempted``).
+    Outside the main thread it installs nothing (signals are delivered there only)."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous: Any = None
+
+    def __enter__(self) -> SigtermFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, *_: Any) -> None:
+        self.set = True
+
+    def __exit__(self, *_: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclasses.dataclass
@@ -177,12 +184,12 @@ def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = 
     the current compiled call and raises ``Preempted``; a NaN/Inf loss raises
     ``NonFiniteLossError`` without saving, so the last good checkpoint stays the latest.
     """
-    with _sigterm_flag() as sigterm:
+    with SigtermFlag() as sigterm:
         return _train(cfg, workdir, log, until, sigterm)
 
 
 def _train(cfg: Config, workdir: str | None, log: Callable[[str], None], until: int | None,
-           sigterm: dict[str, bool]) -> TrainResult:
+           sigterm: SigtermFlag) -> TrainResult:
     cfg.validate()
     optimizer = make_optimizer(cfg)
     keys = run_keys(cfg.seed)
@@ -242,9 +249,9 @@ def _train(cfg: Config, workdir: str | None, log: Callable[[str], None], until: 
         star = f"  L*={loss_star:.4f}" if loss_star is not None else ""
         log(f"step {step:>7d}  train {record['train_loss']:.4f}  eval {eval_loss:.4f}{star}  "
             f"{record['steps_per_sec']:.1f} steps/s  {record['tasks_per_sec']:.3g} tasks/s")
-        if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == stop or sigterm["set"]):
+        if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == stop or sigterm.set):
             ckpt.save(step, state, cfg, history)
-        if sigterm["set"] and step < stop:
+        if sigterm.set and step < stop:
             if ckpt is not None:
                 ckpt.close()
             raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {workdir}; "
