@@ -34,13 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from icl_gd import analysis, theory
+from icl_gd import theory
 from icl_gd.checkpoint import Checkpointer
 from icl_gd.config import Config
 from icl_gd.data import covariance_matrix, distribution, prior_covariance
 from icl_gd.model import gd_params
 from icl_gd.sweep import covariance_label, group_key, member_name
-from icl_gd.train import make_eval, run_keys
+from icl_gd.train import make_eval, one_step_summary, run_keys
 
 CSV_NAME = "sweep_results.csv"
 COARSE_GRID = np.linspace(0.05, 3.0, 60)  # candidate step sizes / preconditioner scales
@@ -111,11 +111,7 @@ def member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]
             row["eval_loss"] = run.metrics[-1]["eval_loss"]
             if optimum is not None:
                 row["eval_over_loss_star"] = row["eval_loss"] / optimum[1]
-        if cfg.depth == 1 and cfg.attention == "linear":
-            gamma = analysis.effective_gamma(run.params, cfg)
-            row["eta_learned"] = float(np.trace(gamma) / cfg.d)
-            if optimum is not None:
-                row["gamma_rel_error"] = analysis.relative_error(gamma, optimum[0])
+        row.update(one_step_summary(cfg, run.params))  # eta_learned, gamma_rel_error (depth-1 linear)
     if baselines and cfg.target == "linear":
         row["gd_eta"], row["gd_loss"] = best_step_gd(cfg, np.eye(cfg.d))
         if optimum is not None:
