@@ -24,7 +24,7 @@ import numpy as np
 
 from icl_gd.config import Config
 from icl_gd.data import Tasks
-from icl_gd.model import Params, masks
+from icl_gd.model import Params, effective_params
 from icl_gd.theory import one_step_predict
 
 
@@ -33,10 +33,10 @@ def _heads(w: np.ndarray, cfg: Config) -> np.ndarray:
 
 
 def layer_blocks(params: Params, cfg: Config, layer: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(B [H, d+1, d+1], W_V [H, d+1, d+1], h [d+1]) of one stored layer, parameterisation masks applied."""
-    m = masks(cfg)
-    lay = {k: np.asarray(v, np.float64) * m["layers"][0][k] for k, v in params["layers"][layer].items()}
-    h = np.asarray(params["h"], np.float64) * m["h"]
+    """(B [H, d+1, d+1], W_V [H, d+1, d+1], h [d+1]) of one stored layer, as the forward pass uses it
+    (``model.effective_params``: parameterisation masks and fixed entries applied)."""
+    eff = jax.tree.map(lambda v: np.asarray(v, np.float64), effective_params(params, cfg))
+    lay, h = eff["layers"][layer], eff["h"]
     wk, wq, wv = (_heads(lay[k], cfg) for k in ("W_K", "W_Q", "W_V"))
     return np.einsum("hki,hkj->hij", wk, wq), wv, h
 

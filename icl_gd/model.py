@@ -23,7 +23,11 @@ whose GD part is (1/n) x_q^T Gamma X^T y with Gamma = u_y B_xx^T + B_yx^T u_x^T 
 
 Parameterisations: ``full`` learns every entry (Mahankali et al.'s model); ``sparse`` is the
 Ahn et al. form, enforced by fixed masks applied in the forward pass: W_K and W_Q read only
-the x block (so B = [[A, 0], [0, 0]]), W_V maps only y to y, and h reads only y.
+the x block (so B = [[A, 0], [0, 0]]), W_V maps only y to y, and the readout is Ahn et al.'s
+fixed -Z_L[d+1, n+1], i.e. h = -e_{d+1} is a constant, not learned. A learned output scale
+c = -h_y would make the class c x (L-step GD), whose loss has a valley towards c -> 0 with one
+step -> -inf (then the other steps must be real roots of a quadratic the optimum does not
+have); Adam finds that valley for L = 3 (docs/RESULTS.md, ``ahn_multilayer``).
 
 The layer is computed associatively: Z (W_Q^T W_K (Z_c^T Z_c) W_V^T), cost O(n (d+1)^2)
 per task, never the (n+1) x n score matrix; ``apply_naive`` keeps that form as a test oracle.
@@ -74,23 +78,39 @@ def masks(cfg: Config) -> Params:
         layer["W_Q"][..., d] = 0.0  # queries read x only
         layer["W_V"][...] = 0.0
         layer["W_V"][..., d, d] = 1.0  # value: y -> y
-        h[:d] = 0.0  # head reads y only
+        h[:] = 0.0  # the readout is fixed (``fixed_values``)
     return {"layers": [dict(layer) for _ in range(num_param_layers(cfg))], "h": h}
 
 
+def fixed_values(cfg: Config) -> Params:
+    """Constants of the entries ``masks`` leaves out: zero, except the sparse form's readout
+    h = -e_{d+1} (Ahn et al. 2023, eq. (2): the prediction is -Z_L[d+1, n+1])."""
+    m = masks(cfg)
+    out = jax.tree.map(np.zeros_like, m)
+    if cfg.parameterization == "sparse":
+        out["h"][cfg.d] = -1.0
+    return out
+
+
+def effective_params(params: Params, cfg: Config) -> Params:
+    """The weights the forward pass uses: learned entries where ``masks`` allows, else ``fixed_values``.
+
+    Stored params of a sparse model already hold these values from ``init_params`` (gradients
+    never reach the other entries); the forward pass re-applies them so that nothing stored
+    there, e.g. weight decay acting on a fixed entry, can change the model.
+    """
+    if cfg.parameterization == "full":
+        return params
+    return jax.tree.map(lambda p, m, f: p * m + f, params, masks(cfg), fixed_values(cfg))
+
+
 def init_params(key: jax.Array, cfg: Config) -> Params:
-    """Gaussian init with std ``init_scale``; masked entries start (and stay) at zero."""
+    """Gaussian init with std ``init_scale`` of the learned entries; the others hold ``fixed_values``."""
     m = masks(cfg)
     leaves, treedef = jax.tree.flatten(m)
     keys = jax.random.split(key, len(leaves))
     out = [cfg.init_scale * jax.random.normal(k, mk.shape) * mk for k, mk in zip(keys, leaves)]
-    return jax.tree.unflatten(treedef, out)
-
-
-def _masked(params: Params, cfg: Config) -> Params:
-    if cfg.parameterization == "full":
-        return params
-    return jax.tree.map(lambda p, m: p * m, params, masks(cfg))
+    return jax.tree.map(lambda p, f: p + f, jax.tree.unflatten(treedef, out), fixed_values(cfg))
 
 
 def _per_head(w: jax.Array, cfg: Config) -> jax.Array:
@@ -162,7 +182,7 @@ def apply(params: Params, x: jax.Array, y: jax.Array, x_query: jax.Array, cfg: C
     """Predictions yhat [B] for contexts x [B, n, d], y [B, n] and queries x_query [B, d]."""
     chex.assert_rank([x, y, x_query], [3, 2, 2])
     chex.assert_shape(x, (None, cfg.n, cfg.d))
-    params = _masked(params, cfg)
+    params = effective_params(params, cfg)
     layer_fn = _linear_layer if cfg.attention == "linear" else _softmax_layer
     z = tokens(x, y, x_query)
     layers = _layers(params, cfg)
@@ -182,7 +202,7 @@ def apply_naive(params: Params, x: jax.Array, y: jax.Array, x_query: jax.Array, 
     """Test oracle: the same model through the explicit (n+1) x n score matrix."""
     if cfg.attention != "linear":
         return apply(params, x, y, x_query, cfg)
-    params = _masked(params, cfg)
+    params = effective_params(params, cfg)
     z = tokens(x, y, x_query)
     n = cfg.n
     for layer in _layers(params, cfg):

@@ -43,12 +43,13 @@ def test_param_names_shapes_and_sparse_structure():
     layer = params["layers"][0]
     assert {k: v.shape for k, v in layer.items()} == {"W_K": (4, 4), "W_Q": (4, 4), "W_V": (4, 4)}
     assert params["h"].shape == (4,)
-    # Sparse: keys/queries read x only, value maps y -> y only, head reads y only.
+    # Sparse: keys/queries read x only, value maps y -> y only, readout fixed at -e_{d+1} (Ahn et al.).
     assert np.all(layer["W_K"][:, 3] == 0) and np.all(layer["W_Q"][:, 3] == 0)
     assert np.count_nonzero(layer["W_V"]) == 1 and layer["W_V"][3, 3] != 0
-    assert np.all(params["h"][:3] == 0)
-    # Structure is enforced in the forward pass: noise in masked entries changes nothing.
+    np.testing.assert_array_equal(params["h"], [0, 0, 0, -1])
+    # Structure is enforced in the forward pass: noise in masked or fixed entries changes nothing.
     m = masks(cfg)
+    assert not np.any(m["h"])
     noisy = jax.tree.map(lambda p, mk: p + (1 - mk) * 7.0, params, m)
     t = _tasks(cfg)
     np.testing.assert_allclose(apply(noisy, t.x, t.y, t.x_query, cfg=cfg), apply(params, t.x, t.y, t.x_query, cfg=cfg))
