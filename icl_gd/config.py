@@ -65,7 +65,8 @@ class Config:
     depth: int = _f(1, "Number of attention layers L.")
     heads: int = _f(1, "Attention heads per layer (outputs summed).")
     key_size: int = _f(0, "Rows of W_K and W_Q; 0 means d+1.")
-    parameterization: str = _f("full", f"Weight structure: one of {PARAMETERIZATIONS}.")
+    parameterization: str = _f("full", f"Weight structure: one of {PARAMETERIZATIONS} "
+                                       "(sparse: Ahn et al.'s form, fixed readout).")
     attention: str = _f("linear", f"Attention kind: one of {ATTENTIONS}.")
     tie_weights: bool = _f(False, "Share one set of layer weights across all layers.")
     init_scale: float = _f(0.2, "Std of the Gaussian initialisation of every weight.")
