@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
 import icl_gd  # noqa: E402
-from icl_gd import report, sweep, theory  # noqa: E402
+from icl_gd import analysis, report, sweep, theory  # noqa: E402
 from icl_gd.checks import Check  # noqa: E402
 from icl_gd.config import Config  # noqa: E402
 from icl_gd.data import covariance_matrix  # noqa: E402
@@ -246,6 +246,9 @@ def _depths(size: Size) -> tuple[int, ...]:
     return (1, 2, 3) if size.quick else (1, 2, 3, 4)
 
 
+MAX_LAYER_AHN_DISTANCE = 0.1  # Ahn et al. 2023, Thm. 4: every layer's Gamma_l is a multiple of Sigma^-1
+
+
 def _multi_members(size: Size) -> list[Config]:
     out = []
     for cov in ({"covariance": "isotropic"}, {"covariance": "cond", "cond": 10.0}):
@@ -272,9 +275,21 @@ def _multi_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list[d
             checks.append(Check(f"{cov}: trained L={depth} loss vs {depth}-step PGD (tuned)", s["loss"],
                                 pgd["loss"], 0.05 * pgd["loss"] + 3 * s["loss_stderr"], "max"))
             dists = s["layers"]["ahn_distances"] if "layers" in s else [s["ahn_distance"]]
+            checks += [Check(f"{cov}: L={depth}, layer {i + 1}: dist(Sigma^1/2 Gamma_l Sigma^1/2, I)", dist,
+                             MAX_LAYER_AHN_DISTANCE, 0.0, "max") for i, dist in enumerate(dists)]
             rows.append(_row(s, covariance=cov, depth=depth, gd_loss=gd["loss"], pgd_loss=pgd["loss"],
-                             layer_ahn_distances=dists))
+                             layer_ahn_distances=dists, layer_steps=_layer_steps(s),
+                             pgd_steps=sorted(pgd["step_sizes"])))
     return checks, rows
+
+
+def _layer_steps(s: dict) -> list[float]:
+    """Per-layer step sizes eta_l of Gamma_l ~ eta_l Sigma^-1 (least-squares scale), sorted: the
+    steps of PGD commute (w_L = q(H) P g, ``theory.krylov_features``), so only their set is
+    comparable with the tuned steps, not their order."""
+    gammas = s["layers"]["preconditioners"] if "layers" in s else [s["gamma_learned"]]
+    precond = theory.oracle_preconditioner(Config(**s["config"]))
+    return sorted(analysis.shape_fit(np.asarray(g), precond)[0] for g in gammas)
 
 
 def _multi_plot(summaries: list[dict], path: str) -> None:

@@ -53,7 +53,7 @@ def results_markdown(outcomes: list, quick: bool, md_path: str) -> str:
                              f"{'PASS' if c.passed else 'FAIL'} |")
             lines.append("")
         if o.numbers:
-            keys = [k for k in o.numbers[0] if not isinstance(o.numbers[0][k], (list, dict))]
+            keys = [k for k in o.numbers[0] if not isinstance(o.numbers[0][k], dict)]
             lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
             for row in o.numbers:
                 lines.append("| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
@@ -63,6 +63,8 @@ def results_markdown(outcomes: list, quick: bool, md_path: str) -> str:
 def _fmt(v) -> str:
     if v is None:
         return "–"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v)
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
