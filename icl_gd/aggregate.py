@@ -2,18 +2,14 @@
 
 One CSV row per member: every config field, the covariance label, status, final train/eval
 loss, L* (where the closed form holds), the learned one-step numbers (eta, Gamma_eff error vs
-Gamma*) for depth-1 linear members, and two multi-step references evaluated on the member's
-own held-out set:
+Gamma*) for depth-1 linear members, and the references of ``icl_gd.baselines.evaluate``
+scored on the member's own held-out set: ``baseline_<name>`` columns (zero, ols, bayes =
+posterior mean for linear targets, gd_k / pgd_k for k = 1..depth), and for k = depth
 
-* ``gd_loss`` / ``gd_eta``: k = depth steps of plain GD from w = 0, one step size eta for all
-  steps, eta picked on a grid (exact LSA weights from ``model.gd_params``);
-* ``pgd_loss`` / ``pgd_scale``: the same with the preconditioner s * Gamma*, Gamma* the
-  one-step optimum (closed-form members only). At depth 1 this is s ~ 1 and loss ~ L*.
+* ``gd_loss`` / ``gd_steps``: k steps of plain GD from w = 0 with per-step tuned step sizes;
+* ``pgd_loss`` / ``pgd_steps``: the same preconditioned by the oracle Sigma^-1.
 
-When ``icl_gd.baselines`` is importable, its ``evaluate`` adds ``baseline_<name>`` columns
-(zero, ols, bayes = posterior mean, gd_k / pgd_k with per-step tuned step sizes and the oracle
-Sigma^-1 preconditioner, k = 1..depth), scored on the same held-out tasks; the Bayes-optimal
-loss is drawn in the depth figure.
+The Bayes-optimal loss is drawn in the depth figure.
 
 Figures (matplotlib Agg): ``loss_vs_depth.png`` (learned eval loss vs depth per covariance /
 noise, GD-k and PGD-k beside it) and ``eta_vs_noise.png`` (learned eta vs eta* = tr(Gamma*)/d).
@@ -23,63 +19,23 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from icl_gd import theory
+from icl_gd.baselines import evaluate as evaluate_baselines
 from icl_gd.checkpoint import Checkpointer
 from icl_gd.config import Config
-from icl_gd.data import covariance_matrix, distribution, prior_covariance
-from icl_gd.model import gd_params
-from icl_gd.sweep import covariance_label, group_key, member_name
-from icl_gd.train import make_eval, one_step_summary, run_keys
+from icl_gd.data import covariance_matrix, prior_covariance
+from icl_gd.sweep import covariance_label, member_name
+from icl_gd.train import one_step_summary
 
 CSV_NAME = "sweep_results.csv"
-COARSE_GRID = np.linspace(0.05, 3.0, 60)  # candidate step sizes / preconditioner scales
-FINE_POINTS = 9  # then this many around the coarse optimum
-BASELINE_TASKS = 4096  # held-out tasks for the references: the first chunk of the member's eval set
-
-
-@functools.lru_cache(maxsize=64)
-def _grid_eval(shape_cfg: Config, grid_size: int):
-    """jit(vmap over stacked params) of the held-out loss; cached per static shape and grid size."""
-    del grid_size  # part of the cache key only: one jit (one compile) per stacked shape
-    return jax.jit(jax.vmap(make_eval(shape_cfg), in_axes=(0, None, None)))
-
-
-def _baseline_cfg(cfg: Config) -> Config:
-    """A config GD weights fit into: linear attention, key_size >= d, single-layer weights per step."""
-    return dataclasses.replace(group_key(cfg), attention="linear", key_size=0, tie_weights=False, heads=1,
-                               parameterization="full")
-
-
-def best_step_gd(cfg: Config, direction: np.ndarray) -> tuple[float, float]:
-    """(scale, loss) of the best k = depth steps of GD with preconditioner scale * direction, on
-    (the first ``BASELINE_TASKS`` of) the member's held-out set; scale by a coarse then a fine grid."""
-    bcfg = dataclasses.replace(_baseline_cfg(cfg), eval_tasks=min(cfg.eval_tasks, BASELINE_TASKS))
-    dist, key = distribution(cfg), run_keys(cfg.seed)["eval"]
-
-    def losses(grid: np.ndarray) -> np.ndarray:
-        params = [gd_params(bcfg, s * direction) for s in grid]
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
-        out = np.asarray(_grid_eval(bcfg, len(grid))(stacked, dist, key))
-        return np.where(np.isfinite(out), out, np.inf)
-
-    coarse = losses(COARSE_GRID)
-    i = int(np.argmin(coarse))
-    step = COARSE_GRID[1] - COARSE_GRID[0]
-    fine_grid = np.linspace(max(COARSE_GRID[i] - step, 1e-3), COARSE_GRID[i] + step, FINE_POINTS)
-    fine = losses(fine_grid)
-    j = int(np.argmin(fine))
-    return (float(fine_grid[j]), float(fine[j])) if fine[j] < coarse[i] else (float(COARSE_GRID[i]), float(coarse[i]))
+BASELINE_TUNE_TASKS = 4096  # Monte-Carlo tasks that tune the GD / PGD step sizes of each member
 
 
 def member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]:
@@ -112,27 +68,14 @@ def member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]
             if optimum is not None:
                 row["eval_over_loss_star"] = row["eval_loss"] / optimum[1]
         row.update(one_step_summary(cfg, run.params))  # eta_learned, gamma_rel_error (depth-1 linear)
-    if baselines and cfg.target == "linear":
-        row["gd_eta"], row["gd_loss"] = best_step_gd(cfg, np.eye(cfg.d))
-        if optimum is not None:
-            row["pgd_scale"], row["pgd_loss"] = best_step_gd(cfg, optimum[0])
-        row.update(external_baselines(cfg))
+    if baselines:
+        out = evaluate_baselines(cfg, max_steps=cfg.depth, num_tune_tasks=BASELINE_TUNE_TASKS)
+        row.update({f"baseline_{name}": float(v["loss"]) for name, v in out.items()})
+        for tag in ("gd", "pgd"):
+            ref = out[f"{tag}_{cfg.depth}"]
+            row[f"{tag}_loss"] = float(ref["loss"])
+            row[f"{tag}_steps"] = ";".join(f"{e:g}" for e in ref["step_sizes"])
     return row
-
-
-def external_baselines(cfg: Config) -> dict[str, float]:
-    """``baseline_<name>`` losses from ``icl_gd.baselines.evaluate`` when that module exists (it is
-    optional here: any failure costs the columns, never the aggregation)."""
-    try:
-        from icl_gd import baselines
-    except ImportError:
-        return {}
-    try:
-        out = baselines.evaluate(cfg, max_steps=cfg.depth, num_tune_tasks=4096)
-        return {f"baseline_{name}": float(v["loss"]) for name, v in out.items()}
-    except Exception as e:  # noqa: BLE001 - optional extra columns
-        logging.warning("icl_gd.baselines.evaluate failed for %s: %s", member_name(cfg), e)
-        return {}
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
@@ -188,7 +131,7 @@ def plot_loss_vs_depth(rows: Sequence[dict[str, Any]], path: str) -> None:
             ax.scatter([L] * len(ys), ys, color="C0", alpha=0.4, s=14)
         median = [np.nanmedian([_num(r, "eval_loss") for r in by_depth[L]]) for L in depths]
         ax.plot(depths, median, "o-", color="C0", label="trained LSA (median over seeds; dots: seeds)")
-        refs = (("gd_loss", "C1", "GD, k=depth steps"), ("pgd_loss", "C2", "PGD (s Gamma*), k steps"))
+        refs = (("gd_loss", "C1", "GD, k=depth tuned steps"), ("pgd_loss", "C2", "Sigma^-1-PGD, k steps"))
         for col, color, label in refs:
             ys = [np.nanmean([_num(r, col) for r in by_depth[L]]) for L in depths]
             if np.any(np.isfinite(ys)):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 import signal
@@ -202,9 +201,11 @@ def test_aggregate_writes_csv_and_figures(swept):
         assert r["status"] == "finished" and int(r["final_step"]) == m.steps
         assert float(r["loss_star"]) > 0.25 - 1e-9  # at least the noise floor sigma^2
         assert 0 <= float(r["gamma_rel_error"]) and np.isfinite(float(r["eta_learned"]))
-        assert float(r["gd_loss"]) > 0 and float(r["pgd_loss"]) > 0
-        if importlib.util.find_spec("icl_gd.baselines") is not None:  # optional module: its columns appear
-            assert 0 < float(r["baseline_bayes"]) <= float(r["baseline_zero"])
+        assert 0 < float(r["baseline_bayes"]) <= float(r["baseline_zero"])
+        depth = int(r["depth"])  # k = depth references are the baselines' gd_k / pgd_k, with their steps
+        assert float(r["gd_loss"]) == float(r[f"baseline_gd_{depth}"]) > 0
+        assert float(r["pgd_loss"]) == float(r[f"baseline_pgd_{depth}"]) > 0
+        assert len(r["pgd_steps"].split(";")) == depth
         run = icl_gd.load(os.path.join(root, r["name"]))
         assert float(r["eval_loss"]) == pytest.approx(run.metrics[-1]["eval_loss"])
     for key in ("loss_vs_depth", "eta_vs_noise"):
