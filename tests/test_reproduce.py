@@ -39,3 +39,15 @@ def test_every_experiment_runs_end_to_end(tmp_path):
 def test_unknown_experiment_is_a_clear_error(tmp_path):
     out = _run("--experiment=nope", f"--workdir={tmp_path}")
     assert out.returncode == 2 and "--experiment" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_paper_scale_members_are_valid_configs():
+    """The GPU-sized path is not trained in CI, so at least its configs are built and validated."""
+    from icl_gd.experiments import Size
+
+    for name, exp in EXPERIMENTS.items():
+        members = exp.members(Size(quick=False))
+        assert members, name
+        assert all((m.d, m.n) == (5, 20) and m.steps >= 20000 for m in members), name
+    depths = sorted({m.depth for m in EXPERIMENTS["ahn_multilayer"].members(Size(quick=False))})
+    assert depths == [1, 2, 3, 4]
