@@ -2,17 +2,13 @@
 
 import os
 import subprocess
-import sys
 
+import launchers
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return launchers.run("launch.train", *args, timeout=300)
 
 
 def test_train_prints_learned_eta_next_to_theory(tmp_path):

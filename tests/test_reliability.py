@@ -4,10 +4,10 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import jax
+import launchers
 import numpy as np
 import pytest
 
@@ -16,22 +16,14 @@ from icl_gd.checkpoint import Checkpointer
 from icl_gd.config import Config
 from icl_gd.train import NonFiniteLossError, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_FLAGS = ["--d=3", "--n=5", "--batch_size=128", "--steps=1500", "--log_every=50", "--checkpoint_every=50",
              "--eval_tasks=128", "--noise=0.3"]
 
 
-def _cmd(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, JAX_PLATFORMS="cpu")
-
-
 def _launch(workdir, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(_cmd("launch.train", f"--workdir={workdir}", *RUN_FLAGS, *extra), cwd=ROOT,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = launchers.command("launch.train", f"--workdir={workdir}", *RUN_FLAGS, *extra)
+    return subprocess.Popen(cmd, cwd=launchers.ROOT, env=launchers.cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _assert_same_state(a_dir, b_dir) -> None:
@@ -157,8 +149,7 @@ def test_bad_train_flags_get_one_clear_line(tmp_path, flags, name):
     args = flags.split()
     if not any(a.startswith("--workdir") for a in args):
         args.append(f"--workdir={tmp_path}")
-    out = subprocess.run(_cmd("launch.train", *args), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                         timeout=60)
+    out = launchers.run("launch.train", *args, timeout=60)
     assert out.returncode != 0
     assert name in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not os.path.exists(tmp_path / "checkpoints")  # nothing compiled, nothing written

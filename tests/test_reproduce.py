@@ -2,20 +2,16 @@
 plotted, and lands in RESULTS.md. (At 10 steps the claims are not expected to hold: the PASS
 logic itself is tested in test_checks.py; the real numbers come from --quick runs.)"""
 
-import os
 import re
 import subprocess
-import sys
+
+import launchers
 
 from icl_gd.experiments import EXPERIMENTS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "launch.reproduce", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return launchers.run("launch.reproduce", *args, timeout=900)
 
 
 def test_every_experiment_runs_end_to_end(tmp_path):

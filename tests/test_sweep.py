@@ -9,9 +9,9 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 
 import jax
+import launchers
 import numpy as np
 import pytest
 
@@ -20,7 +20,6 @@ from icl_gd import aggregate, cluster, sweep
 from icl_gd.config import Config, ConfigError
 from icl_gd.train import Preempted, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(d=2, n=6, batch_size=16, steps=30, log_every=15, checkpoint_every=15, eval_tasks=64, lr=0.02)
 AXES = sweep.Axes(covariances=("isotropic", "cond10"), noises=(0.0, 0.5), seeds=(0, 1))
 # The CLI spelling of TINY, noise 0.5, 3 covariances x 2 seeds (6 members; padded to 8 on 4 devices).
@@ -46,9 +45,7 @@ def sub_env(**extra: str) -> dict[str, str]:
 
 
 def cli(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    full_env = sub_env(**(env or {}))
-    return subprocess.run([sys.executable, "-m", "launch.sweep", *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return launchers.run("launch.sweep", *args, env=sub_env(**(env or {})), timeout=timeout)
 
 
 def params_of(workdir: str) -> list[np.ndarray]:
@@ -240,7 +237,7 @@ def test_two_process_distributed_run(swept, tmp_path):
     args = [f"--workdir={tmp_path}", *CLI_GRID, "--nobaselines", "--distributed",
             f"--coordinator_address=localhost:{port}", "--num_processes=2"]
     env = sub_env()
-    procs = [subprocess.Popen([sys.executable, "-m", "launch.sweep", *args, f"--process_id={i}"], cwd=REPO,
+    procs = [subprocess.Popen(launchers.command("launch.sweep", *args, f"--process_id={i}"), cwd=launchers.ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=150) for p in procs]
     for p, (_, stderr) in zip(procs, outs, strict=True):
@@ -307,7 +304,7 @@ def test_two_concurrent_sweeps_on_one_root_train_each_member_once(tmp_path):
     (the other sees it claimed or finished), and every checkpoint ends complete."""
     args = [f"--workdir={tmp_path}", *CLI_GRID, "--noaggregate"]
     env = sub_env()
-    procs = [subprocess.Popen([sys.executable, "-m", "launch.sweep", *args], cwd=REPO, env=env,
+    procs = [subprocess.Popen(launchers.command("launch.sweep", *args), cwd=launchers.ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
