@@ -11,6 +11,10 @@ posterior mean for linear targets, gd_k / pgd_k for k = 1..depth), and for k = d
 
 The Bayes-optimal loss is drawn in the depth figure.
 
+A finished member's row is stored in its folder (``ROW_NAME``, keyed by its final step and the
+baseline settings), so re-aggregating a sweep, or resuming one whose aggregation was stopped,
+computes only the rows that are missing.
+
 Figures (matplotlib Agg): ``loss_vs_depth.png`` (learned eval loss vs depth per covariance /
 noise, GD-k and PGD-k beside it) and ``eta_vs_noise.png`` (learned eta vs eta* = tr(Gamma*)/d).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -26,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from icl_gd import theory
+from icl_gd import theory, watchdog
 from icl_gd.baselines import evaluate as evaluate_baselines
 from icl_gd.checkpoint import Checkpointer
 from icl_gd.config import Config
@@ -35,7 +40,42 @@ from icl_gd.sweep import covariance_label, member_name
 from icl_gd.train import one_step_summary
 
 CSV_NAME = "sweep_results.csv"
+ROW_NAME = "aggregate_row.json"
+ROW_VERSION = 1  # bump when member_row's columns change: stored rows of other versions are recomputed
 BASELINE_TUNE_TASKS = 4096  # Monte-Carlo tasks that tune the GD / PGD step sizes of each member
+
+
+def cached_member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]:
+    """``member_row``, reused from the member's folder when its checkpoint and settings are unchanged."""
+    workdir = os.path.join(root, member_name(cfg))
+    path = os.path.join(workdir, ROW_NAME)
+    key = {"version": ROW_VERSION, "final_step": _latest_step(workdir), "baselines": baselines,
+           "tune_tasks": BASELINE_TUNE_TASKS, "config": cfg.to_dict()}
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+        if stored["key"] == key:
+            return stored["row"]
+    except (OSError, ValueError, KeyError):
+        pass
+    with watchdog.stage(f"aggregating sweep member {member_name(cfg)}"):
+        row = member_row(cfg, root, baselines)
+    if row["status"] == "finished":
+        tmp = f"{path}.{os.getpid()}.tmp"  # every process of a distributed sweep writes the same row
+        with open(tmp, "w") as f:
+            json.dump({"key": key, "row": row}, f)
+        os.replace(tmp, path)
+    return row
+
+
+def _latest_step(workdir: str) -> int | None:
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return None
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
 
 
 def member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]:
@@ -49,11 +89,7 @@ def member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]
         row["loss_star"] = optimum[1]
         row["eta_star"] = float(np.trace(optimum[0]) / cfg.d)
     row["noise_floor"] = cfg.noise**2
-    latest = None
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
-        ckpt = Checkpointer(workdir, read_only=True)
-        latest = ckpt.latest_step()
-        ckpt.close()
+    latest = _latest_step(workdir)
     if latest is None:
         row["status"], row["final_step"] = "missing", 0
     else:
@@ -220,7 +256,7 @@ def aggregate(members: Sequence[Config], root: str, baselines: bool = True, writ
     Under jax.distributed every process must call this (orbax reads synchronise across
     processes); pass ``write`` on one process only.
     """
-    rows = [member_row(cfg, root, baselines) for cfg in members]
+    rows = [cached_member_row(cfg, root, baselines) for cfg in members]
     paths = {"csv": os.path.join(root, CSV_NAME), "loss_vs_depth": os.path.join(root, "loss_vs_depth.png"),
              "eta_vs_noise": os.path.join(root, "eta_vs_noise.png")}
     if not write:

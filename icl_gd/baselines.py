@@ -11,6 +11,13 @@ and the trained model's eval loss differ only by the predictor, never by the sam
 * ``posterior_mean_predict``: ridge with the Bayes-optimal penalty, the posterior mean of w under
   the Gaussian prior N(0, Omega) and Gaussian noise: optimal among all predictors for linear targets.
 * ``ols_predict``: least squares through the pseudo-inverse (minimum-norm when n < d).
+
+Where each predictor runs: the ones built from matrix products (zero, GD/PGD, the model) run in
+one XLA program over the held-out chunks; the two that need LAPACK (OLS's pseudo-inverse, the
+posterior mean's solve) run in NumPy, in float64, on the same tasks copied to the host chunk by
+chunk (``Predictor.on_host``). XLA:CPU programs that mix a LAPACK custom call with the rest of
+the predictor stack can wedge for ever (docs/XLA_CPU_HANG.md); keeping LAPACK out of every XLA
+program removes the trigger, and float64 makes OLS exact to ~1e-12 rather than ~1e-4.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icl_gd import theory
+from icl_gd import theory, watchdog
 from icl_gd.config import Config
 from icl_gd.data import Tasks, TaskSpec, covariance_matrix, distribution, prior_covariance, sample_tasks
 from icl_gd.model import apply
@@ -45,37 +52,43 @@ def zero_predict(tasks: Tasks) -> jax.Array:
     return jnp.zeros_like(tasks.y_query)
 
 
-def ols_weights(x: jax.Array, y: jax.Array) -> jax.Array:
-    """w = X^+ y: least squares for n >= d (exact on noiseless data), minimum-norm interpolant for n < d."""
-    return jnp.einsum("bdn,bn->bd", jnp.linalg.pinv(x), y)
+def ols_weights(x: Any, y: Any) -> np.ndarray:
+    """w = X^+ y (float64, NumPy): least squares for n >= d (exact on noiseless data), the
+    minimum-norm interpolant for n < d."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return np.einsum("bdn,bn->bd", np.linalg.pinv(x), y)
 
 
-def ols_predict(tasks: Tasks) -> jax.Array:
-    return jnp.einsum("bd,bd->b", tasks.x_query, ols_weights(tasks.x, tasks.y))
+def ols_predict(tasks: Tasks) -> np.ndarray:
+    return np.einsum("bd,bd->b", np.asarray(tasks.x_query, np.float64), ols_weights(tasks.x, tasks.y))
 
 
-def posterior_mean_weights(x: jax.Array, y: jax.Array, omega_inv: jax.Array, noise: jax.Array) -> jax.Array:
+def posterior_mean_weights(x: Any, y: Any, omega_inv: Any, noise: float) -> np.ndarray:
     """E[w | X, y] = (X^T X + sigma^2 Omega^-1)^-1 X^T y for w ~ N(0, Omega), eps ~ N(0, sigma^2), sigma > 0.
 
     The Gaussian posterior mean (Bishop 2006, eq. (3.53) with S_0 = Omega, beta = 1/sigma^2): ridge
-    with the Bayes-optimal penalty sigma^2 Omega^-1.
+    with the Bayes-optimal penalty sigma^2 Omega^-1. Float64, NumPy.
     """
-    gram = jnp.einsum("bnd,bne->bde", x, x) + noise**2 * omega_inv
-    return jnp.linalg.solve(gram, jnp.einsum("bnd,bn->bd", x, y)[..., None])[..., 0]
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    gram = np.einsum("bnd,bne->bde", x, x) + float(noise) ** 2 * np.asarray(omega_inv, np.float64)
+    return np.linalg.solve(gram, np.einsum("bnd,bn->bd", x, y)[..., None])[..., 0]
 
 
-def noiseless_posterior_mean_weights(x: jax.Array, y: jax.Array, omega_sqrt: jax.Array) -> jax.Array:
+def noiseless_posterior_mean_weights(x: Any, y: Any, omega_sqrt: Any) -> np.ndarray:
     """E[w | X, y] at sigma = 0: Omega^1/2 (X Omega^1/2)^+ y, the Omega^-1-norm-minimal interpolant
-    (the sigma -> 0 limit of ``posterior_mean_weights``; OLS when n >= d)."""
-    return jnp.einsum("de,be->bd", omega_sqrt, ols_weights(x @ omega_sqrt, y))
+    (the sigma -> 0 limit of ``posterior_mean_weights``; OLS when n >= d). Float64, NumPy."""
+    omega_sqrt = np.asarray(omega_sqrt, np.float64)
+    return np.einsum("de,be->bd", omega_sqrt, ols_weights(np.asarray(x, np.float64) @ omega_sqrt, y))
 
 
-def posterior_mean_predict(tasks: Tasks, omega_inv: jax.Array, noise: jax.Array) -> jax.Array:
-    return jnp.einsum("bd,bd->b", tasks.x_query, posterior_mean_weights(tasks.x, tasks.y, omega_inv, noise))
+def posterior_mean_predict(tasks: Tasks, omega_inv: Any, noise: float) -> np.ndarray:
+    return np.einsum("bd,bd->b", np.asarray(tasks.x_query, np.float64),
+                     posterior_mean_weights(tasks.x, tasks.y, omega_inv, noise))
 
 
-def noiseless_posterior_mean_predict(tasks: Tasks, omega_sqrt: jax.Array) -> jax.Array:
-    return jnp.einsum("bd,bd->b", tasks.x_query, noiseless_posterior_mean_weights(tasks.x, tasks.y, omega_sqrt))
+def noiseless_posterior_mean_predict(tasks: Tasks, omega_sqrt: Any) -> np.ndarray:
+    return np.einsum("bd,bd->b", np.asarray(tasks.x_query, np.float64),
+                     noiseless_posterior_mean_weights(tasks.x, tasks.y, omega_sqrt))
 
 
 @functools.lru_cache(maxsize=32)
@@ -92,11 +105,16 @@ def model_predictor(cfg: Config) -> Callable:
 # Evaluation on the held-out set of a run.
 # ---------------------------------------------------------------------------------------
 class Predictor(NamedTuple):
-    """A named predictor: ``fn(tasks, *args)``; ``fn`` must be hashable (a module-level function)."""
+    """A named predictor: ``fn(tasks, *args)``; ``fn`` must be hashable (a module-level function).
+
+    ``on_host``: ``fn`` is NumPy code run on host copies of the tasks (the LAPACK-based
+    baselines); otherwise it is traced into the held-out XLA program.
+    """
 
     name: str
     fn: Callable
     args: tuple = ()
+    on_host: bool = False
 
 
 @functools.partial(jax.jit, static_argnames=("fns", "spec", "num", "size"))
@@ -109,15 +127,36 @@ def _heldout_errors(fns: tuple, args: tuple, key: jax.Array, dist, spec: TaskSpe
     return jnp.moveaxis(errs, 1, 0).reshape(len(fns), -1)
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "size"))
+def _heldout_chunk(key: jax.Array, j: jax.Array, dist, spec: TaskSpec, size: int) -> Tasks:
+    """Held-out chunk j, exactly as ``_heldout_errors`` draws it (for the host predictors)."""
+    return sample_tasks(jax.random.fold_in(key, j), dist, spec, size)
+
+
 def heldout_squared_errors(cfg: Config, predictors: list[Predictor]) -> dict[str, np.ndarray]:
-    """Per-task squared query errors of every predictor on the run's held-out tasks (one compile)."""
+    """Per-task squared query errors of every predictor on the run's held-out tasks.
+
+    Device predictors share one compiled program; host predictors see the same chunks, copied.
+    """
     num, size = eval_chunks(cfg)
-    fns = tuple(p.fn for p in predictors)
-    args = tuple(tuple(p.args) for p in predictors)
-    errs = _heldout_errors(fns, args, run_keys(cfg.seed)["eval"], distribution(cfg), TaskSpec.from_config(cfg),
-                           num, size)
-    errs = np.asarray(errs, np.float64)
-    return {p.name: e for p, e in zip(predictors, errs)}
+    key, dist, spec = run_keys(cfg.seed)["eval"], distribution(cfg), TaskSpec.from_config(cfg)
+    on_device = [p for p in predictors if not p.on_host]
+    on_host = [p for p in predictors if p.on_host]
+    out: dict[str, np.ndarray] = {}
+    if on_device:
+        with watchdog.stage(f"held-out evaluation ({len(on_device)} XLA predictors, {num * size} tasks)"):
+            errs = _heldout_errors(tuple(p.fn for p in on_device), tuple(tuple(p.args) for p in on_device),
+                                   key, dist, spec, num, size)
+            out.update(zip((p.name for p in on_device), np.asarray(errs, np.float64)))
+    if on_host:
+        with watchdog.stage(f"held-out evaluation ({len(on_host)} NumPy predictors, {num * size} tasks)"):
+            parts: dict[str, list[np.ndarray]] = {p.name: [] for p in on_host}
+            for j in range(num):
+                tasks = Tasks(*(np.asarray(a, np.float64) for a in _heldout_chunk(key, j, dist, spec, size)))
+                for p in on_host:
+                    parts[p.name].append((p.fn(tasks, *p.args) - tasks.y_query) ** 2)
+            out.update({name: np.concatenate(v) for name, v in parts.items()})
+    return {p.name: out[p.name] for p in predictors}
 
 
 def mean_and_stderr(errors: np.ndarray) -> dict[str, float]:
@@ -137,7 +176,8 @@ def tuned_steps(cfg: Config, precond: np.ndarray, max_steps: int, num_tasks: int
             sigma, omega = covariance_matrix(cfg), prior_covariance(cfg)
             out.append(np.array([theory.best_scale(precond, sigma, omega, cfg.n, cfg.noise)]))
         else:
-            etas = theory.optimal_step_sizes(tune_key(cfg.seed), dist, spec, precond, k, max_steps, num_tasks)
+            with watchdog.stage(f"tuning {k}-step (P)GD step sizes on {num_tasks} tasks"):
+                etas = theory.optimal_step_sizes(tune_key(cfg.seed), dist, spec, precond, k, max_steps, num_tasks)
             out.append(etas[:k])
     return out
 
@@ -151,16 +191,16 @@ def baseline_predictors(cfg: Config, max_steps: int, gamma_one_layer: np.ndarray
     GD / Sigma^-1-preconditioned GD) for k = 1..max_steps. Returns (predictors, info by name).
     """
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    preds = [Predictor("zero", zero_predict), Predictor("ols", ols_predict)]
+    preds = [Predictor("zero", zero_predict), Predictor("ols", ols_predict, on_host=True)]
     info: dict[str, dict] = {"zero": {"description": "yhat = 0"},
                              "ols": {"description": "least squares, pseudo-inverse (min-norm when n < d)"}}
     if cfg.target == "linear":
         omega = prior_covariance(cfg)
         if cfg.noise > 0:
-            preds.append(Predictor("bayes", posterior_mean_predict, (f32(np.linalg.inv(omega)), f32(cfg.noise))))
+            preds.append(Predictor("bayes", posterior_mean_predict, (np.linalg.inv(omega), cfg.noise), on_host=True))
         else:
             preds.append(Predictor("bayes", noiseless_posterior_mean_predict,
-                                   (f32(np.asarray(distribution(cfg).prior_sqrt)),)))
+                                   (np.asarray(distribution(cfg).prior_sqrt, np.float64),), on_host=True))
         info["bayes"] = {"description": "ridge with the Bayes-optimal penalty (posterior mean of w)"}
     if gamma_one_layer is not None:
         preds.append(Predictor("one_layer_opt", theory.one_step_predict, (f32(gamma_one_layer),)))

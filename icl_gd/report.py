@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from icl_gd import analysis, baselines, theory  # noqa: E402
+from icl_gd import analysis, baselines, theory, watchdog  # noqa: E402
 from icl_gd.config import Config  # noqa: E402
 from icl_gd.data import TaskSpec, covariance_matrix, distribution, prior_covariance, sample_tasks  # noqa: E402
 from icl_gd.run import Run  # noqa: E402
@@ -41,7 +41,8 @@ def one_layer_optimum(cfg: Config, mc_tasks: int = MC_GAMMA_TASKS) -> dict[str, 
     if optimum is not None:
         return {"gamma_star": optimum[0], "loss_star": optimum[1], "source": "closed_form", "gamma_star_stderr": None}
     key = jax.random.fold_in(baselines.tune_key(cfg.seed), 1)
-    est = theory.mc_gamma_star(key, distribution(cfg), TaskSpec.from_config(cfg), mc_tasks)
+    with watchdog.stage(f"Monte-Carlo one-layer optimum on {mc_tasks} tasks"):
+        est = theory.mc_gamma_star(key, distribution(cfg), TaskSpec.from_config(cfg), mc_tasks)
     return {"gamma_star": est.value, "loss_star": None, "source": "monte_carlo", "gamma_star_stderr": est.stderr}
 
 
@@ -361,26 +362,57 @@ def markdown(summary: dict, figures: dict[str, str], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cached_summary(path: str, run: Run, settings: dict) -> dict | None:
+    """The summary.json already in ``path`` when it is of this checkpoint and these settings."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = (old.get("step") == run.step and old.get("config") == run.config.to_dict()
+            and old.get("analysis_settings") == settings)
+    return old if same else None
+
+
 def write_run_report(run: Run, out_dir: str, title: str | None = None, **kwargs) -> dict:
-    """analyze_run + figures + summary.json + report.md into ``out_dir``; returns the summary."""
+    """analyze_run + figures + summary.json + report.md into ``out_dir``; returns the summary.
+
+    summary.json is written before the figures; a re-run on the same checkpoint with the same
+    settings reuses it (after a hang or a crash in the figures, or for a folder of runs where
+    earlier runs finished), so only the missing stages are computed again.
+    """
     os.makedirs(out_dir, exist_ok=True)
-    summary = analyze_run(run, **kwargs)
+    settings = {k: v for k, v in sorted(kwargs.items())}
+    summary_path = os.path.join(out_dir, "summary.json")
+    summary = _cached_summary(summary_path, run, settings)
+    if summary is None:
+        summary = analyze_run(run, **kwargs)
+        summary["analysis_settings"] = settings
+        _write_json(summary, summary_path)
     figures = {}
-    if summary["history"]:
-        plot_training(summary, os.path.join(out_dir, "training.png"))
-        figures["training"] = "training.png"
-    if summary["gamma_learned"] is not None or "layers" in summary:
-        plot_gamma(summary, os.path.join(out_dir, "gamma.png"))
-        figures["gamma"] = "gamma.png"
-    if run.config.attention == "linear":
-        plot_weights(run, os.path.join(out_dir, "weights.png"))
-        figures["weights"] = "weights.png"
+    with watchdog.stage(f"figures of {out_dir}"):
+        if summary["history"]:
+            plot_training(summary, os.path.join(out_dir, "training.png"))
+            figures["training"] = "training.png"
+        if summary["gamma_learned"] is not None or "layers" in summary:
+            plot_gamma(summary, os.path.join(out_dir, "gamma.png"))
+            figures["gamma"] = "gamma.png"
+        if run.config.attention == "linear":
+            plot_weights(run, os.path.join(out_dir, "weights.png"))
+            figures["weights"] = "weights.png"
     summary["figures"] = figures
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    _write_json(summary, summary_path)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(markdown(summary, figures, title or f"Trained vs theory: {os.path.basename(run.workdir.rstrip('/'))}"))
     return summary
+
+
+def _write_json(obj: dict, path: str) -> None:
+    """Write atomically (temp file + rename): a killed process never leaves a half-written summary."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def write_folder_report(runs: dict[str, Run], out_dir: str, **kwargs) -> dict:

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from icl_gd import theory
+from icl_gd import theory, watchdog
 from icl_gd.checkpoint import Checkpointer, check_same_run, read_config, write_config
 from icl_gd.config import OPERATIONAL_FIELDS, Config, ConfigError
 from icl_gd.data import distribution
@@ -394,15 +394,16 @@ def _train_stack(batch: list[_Active], fns: GroupFns, mesh: jax.sharding.Mesh | 
         nxt = min(cfg0.steps, (step // cfg0.log_every + 1) * cfg0.log_every,
                   (step // cfg0.checkpoint_every + 1) * cfg0.checkpoint_every)
         length = nxt - step
-        if length not in compiled:
+        with watchdog.stage(f"training {real} sweep members from {batch[0].workdir}: steps {step} to {nxt}"):
+            if length not in compiled:
+                t0 = time.perf_counter()
+                compiled[length] = fns.chunk.lower(state, dists, train_keys, length=length).compile()
+                log(f"compiled a {length}-step call for {m} members in {time.perf_counter() - t0:.2f}s")
             t0 = time.perf_counter()
-            compiled[length] = fns.chunk.lower(state, dists, train_keys, length=length).compile()
-            log(f"compiled a {length}-step call for {m} members in {time.perf_counter() - t0:.2f}s")
-        t0 = time.perf_counter()
-        state, losses = compiled[length](state, dists, train_keys)
-        losses = to_host(losses)
-        dt = time.perf_counter() - t0
-        eval_loss = to_host(fns.eval(state.params, dists, eval_keys))
+            state, losses = compiled[length](state, dists, train_keys)
+            losses = to_host(losses)
+            dt = time.perf_counter() - t0
+            eval_loss = to_host(fns.eval(state.params, dists, eval_keys))
         step = nxt
         # Under jax.distributed every process must agree to stop: process 0's flag decides.
         stop = _agree(sigterm is not None and sigterm.set) and step < cfg0.steps
@@ -424,7 +425,8 @@ def _train_stack(batch: list[_Active], fns: GroupFns, mesh: jax.sharding.Mesh | 
                 record["loss_star"] = optima[i][1]
             a.history.append(record)
             if save:
-                a.ckpt.save(step, unstack(host_state, i), a.cfg, a.history)
+                with watchdog.stage(f"saving the step-{step} checkpoint of {a.workdir}"):
+                    a.ckpt.save(step, unstack(host_state, i), a.cfg, a.history)
                 a.final_step = step
         _barrier(f"sweep-step-{step}")
         ok = [i for i, a in enumerate(batch) if not a.failed] or [0]

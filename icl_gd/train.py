@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from icl_gd import analysis, theory
+from icl_gd import analysis, theory, watchdog
 from icl_gd.checkpoint import Checkpointer, check_same_run, write_config
 from icl_gd.config import Config
 from icl_gd.data import Distribution, TaskSpec, distribution, sample_tasks
@@ -217,14 +217,15 @@ def _train(cfg: Config, workdir: str | None, log: Callable[[str], None], until: 
         nxt = min(stop, (step // cfg.log_every + 1) * cfg.log_every,
                   (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
         length = nxt - step
-        if length not in compiled:
+        with watchdog.stage(f"training {workdir or 'run'}: steps {step} to {nxt}"):
+            if length not in compiled:
+                t0 = time.perf_counter()
+                compiled[length] = chunk.lower(state, dist, keys["train"], length=length).compile()
+                log(f"compiled a {length}-step call in {time.perf_counter() - t0:.2f}s")
             t0 = time.perf_counter()
-            compiled[length] = chunk.lower(state, dist, keys["train"], length=length).compile()
-            log(f"compiled a {length}-step call in {time.perf_counter() - t0:.2f}s")
-        t0 = time.perf_counter()
-        state, losses = compiled[length](state, dist, keys["train"])
-        losses = np.asarray(losses)
-        dt = time.perf_counter() - t0
+            state, losses = compiled[length](state, dist, keys["train"])
+            losses = np.asarray(losses)
+            dt = time.perf_counter() - t0
         if not np.all(np.isfinite(losses)):
             bad = step + int(np.argmin(np.isfinite(losses)))
             finite = losses[np.isfinite(losses)]
@@ -235,7 +236,8 @@ def _train(cfg: Config, workdir: str | None, log: Callable[[str], None], until: 
                 f"last good checkpoint kept: step {kept}. Try a lower --lr (now {cfg.lr}) or --clip_norm."
             )
         step = nxt
-        eval_loss = float(eval_fn(state.params, dist, keys["eval"]))
+        with watchdog.stage(f"held-out evaluation of {workdir or 'run'} at step {step}"):
+            eval_loss = float(eval_fn(state.params, dist, keys["eval"]))
         record = {
             "step": step,
             "train_loss": float(losses.mean()),
@@ -250,7 +252,8 @@ def _train(cfg: Config, workdir: str | None, log: Callable[[str], None], until: 
         log(f"step {step:>7d}  train {record['train_loss']:.4f}  eval {eval_loss:.4f}{star}  "
             f"{record['steps_per_sec']:.1f} steps/s  {record['tasks_per_sec']:.3g} tasks/s")
         if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == stop or sigterm.set):
-            ckpt.save(step, state, cfg, history)
+            with watchdog.stage(f"saving the step-{step} checkpoint of {workdir}"):
+                ckpt.save(step, state, cfg, history)
         if sigterm.set and step < stop:
             if ckpt is not None:
                 ckpt.close()

@@ -12,11 +12,15 @@ import sys
 
 from absl import app, flags
 
+from icl_gd.config import ConfigError
+from launch.flags import define_watchdog_flag, quiet_library_logs, start_watchdog
+
 flags.DEFINE_string("workdir", None, "A run directory (with checkpoints/) or a folder of run directories.")
 flags.DEFINE_string("out", None, "Output directory; default WORKDIR/analysis.")
 flags.DEFINE_integer("max_steps", 0, "Largest k of the k-step GD baselines; 0 means max(depth, 3).")
 flags.DEFINE_integer("tune_tasks", 2**15, "Tasks the baselines' step sizes are tuned on (Monte Carlo).")
 flags.DEFINE_integer("mc_tasks", 2**18, "Tasks for the Monte-Carlo Gamma* where no closed form exists.")
+define_watchdog_flag()
 FLAGS = flags.FLAGS
 
 
@@ -58,10 +62,13 @@ def main(argv: list[str]) -> None:
         _fail(f"--workdir={workdir!r}: no checkpoint saved yet in {', '.join(empty)} (train it first)")
     if FLAGS.max_steps < 0 or FLAGS.tune_tasks < 16 or FLAGS.mc_tasks < 256:
         _fail("--max_steps must be >= 0, --tune_tasks >= 16 and --mc_tasks >= 256")
+    try:
+        start_watchdog()
+    except ConfigError as e:
+        _fail(str(e))
 
     import icl_gd  # after flag checks: the usage errors above stay fast
     from icl_gd import report
-    from launch.flags import quiet_library_logs
 
     quiet_library_logs()
     out = FLAGS.out or os.path.join(workdir, "analysis")

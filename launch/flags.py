@@ -7,6 +7,7 @@ import os
 
 from absl import flags, logging
 
+from icl_gd import watchdog
 from icl_gd.config import Config, ConfigError
 
 _DEFINERS = {
@@ -62,3 +63,18 @@ def check_workdir(workdir: str, flag: str = "workdir") -> None:
         raise ConfigError(flag, workdir, f"cannot create it ({e.strerror})") from e
     if not os.path.isdir(workdir) or not os.access(workdir, os.W_OK | os.X_OK):
         raise ConfigError(flag, workdir, "must be a writable directory")
+
+
+def define_watchdog_flag() -> None:
+    flags.DEFINE_float("watchdog_s", watchdog.DEFAULT_TIMEOUT_S,
+                       "Seconds any one blocking stage (a training chunk, an evaluation, a checkpoint save, one "
+                       "member's aggregation) may take before the run is declared hung and exits with code "
+                       f"{watchdog.EXIT_HANG}, naming the stage; 0 turns the watchdog off.")
+
+
+def start_watchdog() -> None:
+    """Arm ``icl_gd.watchdog`` with --watchdog_s; raise ConfigError naming the flag if it is negative."""
+    seconds = flags.FLAGS.watchdog_s
+    if not seconds >= 0:
+        raise ConfigError("watchdog_s", seconds, "must be >= 0 seconds (0 turns the watchdog off)")
+    watchdog.configure(seconds)

@@ -14,13 +14,14 @@ import sys
 from absl import app, flags
 
 from icl_gd.config import ConfigError
-from launch.flags import check_workdir, quiet_library_logs
+from launch.flags import check_workdir, define_watchdog_flag, quiet_library_logs, start_watchdog
 
 flags.DEFINE_string("experiment", "all", "Experiment name, or 'all'.")
 flags.DEFINE_boolean("quick", False, "CPU-sized version (d=3, n=10, a few minutes) instead of paper scale.")
 flags.DEFINE_integer("steps", 0, "Override every run's training steps (0: the experiment's own; for smoke tests).")
 flags.DEFINE_string("workdir", "runs/reproduce", "Root folder of the experiments' runs.")
 flags.DEFINE_string("results_md", "docs/RESULTS.md", "Markdown written by --experiment=all ('' to skip).")
+define_watchdog_flag()
 FLAGS = flags.FLAGS
 
 
@@ -80,6 +81,7 @@ def main(argv: list[str]) -> None:
         if FLAGS.steps < 0:
             raise ConfigError("steps", FLAGS.steps, "must be an integer >= 0")
         check_workdir(FLAGS.workdir)
+        start_watchdog()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

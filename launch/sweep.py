@@ -24,9 +24,16 @@ import time
 from absl import app, flags, logging
 
 from icl_gd.config import ConfigError, ConfigMismatchError
-from launch.flags import config_from_flags, define_config_flags, quiet_library_logs
+from launch.flags import (
+    config_from_flags,
+    define_config_flags,
+    define_watchdog_flag,
+    quiet_library_logs,
+    start_watchdog,
+)
 
 define_config_flags()
+define_watchdog_flag()
 flags.DEFINE_string("workdir", "runs/sweep", "Sweep root: one run folder per member, plus the CSV and figures.")
 flags.DEFINE_list("covariances", [], "Covariance axis: isotropic, cond<K> (e.g. cond10), eig<v1>_<v2>_... "
                   "(e.g. eig1_0.5_0.1). Empty: --covariance/--cond/--eigenvalues.")
@@ -159,6 +166,7 @@ def main(argv: list[str]) -> None:
         for name, lo in (("num_shards", 1), ("slurm_nodes", 1), ("slurm_gpus", 0), ("slurm_cpus", 1)):
             if FLAGS[name].value < lo:
                 raise ConfigError(name, FLAGS[name].value, f"must be an integer >= {lo}")
+        start_watchdog()
         members, mine = grid()
         if FLAGS.emit_slurm:
             emit_slurm(len(members))

@@ -12,10 +12,18 @@ import sys
 from absl import app, flags, logging
 
 from icl_gd.config import ConfigError, ConfigMismatchError
-from launch.flags import check_workdir, config_from_flags, define_config_flags, quiet_library_logs
+from launch.flags import (
+    check_workdir,
+    config_from_flags,
+    define_config_flags,
+    define_watchdog_flag,
+    quiet_library_logs,
+    start_watchdog,
+)
 
 define_config_flags()
 flags.DEFINE_string("workdir", "runs/default", "Run directory (checkpoints, config.json).")
+define_watchdog_flag()
 FLAGS = flags.FLAGS
 
 
@@ -47,6 +55,7 @@ def main(argv: list[str]) -> None:
     try:  # validate every flag before JAX is even imported
         cfg = config_from_flags()
         check_workdir(FLAGS.workdir)
+        start_watchdog()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
