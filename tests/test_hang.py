@@ -60,7 +60,7 @@ def test_analyze_a_noisy_run_at_default_sizes(noisy_run):
     with open(os.path.join(noisy_run, "analysis", "summary.json")) as f:
         summary = json.load(f)
     assert summary["config"]["eval_tasks"] == 65536 and summary["config"]["noise"] == 0.5
-    assert summary["analysis_settings"] == {"mc_tasks": 2**18, "num_tune_tasks": 2**15}
+    assert summary["analysis_settings"] == {"max_steps": None, "mc_tasks": 2**18, "num_tune_tasks": 2**15}
     # A re-run with the same settings reuses the numbers and only redraws.
     again = launchers.run("launch.analyze", f"--workdir={noisy_run}", timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
