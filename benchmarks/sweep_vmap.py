@@ -11,7 +11,7 @@ the sequential side is the single-run program of ``train.train`` (jit of
 members differ only in arguments. Compile time is measured separately (``lower().compile()``)
 and excluded from the step timings; each timing is the median of ``--repeats`` runs, and the
 outputs are blocked on before the clock stops. With several devices (e.g. host CPU devices
-forced by XLA_FLAGS) a third timing shards the vmapped members over them (``sweep.member_mesh``).
+forced by XLA_FLAGS) a third timing shards the vmapped members over them (``devices.member_mesh``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from icl_gd import sweep
+from icl_gd import devices, sweep
 from icl_gd.config import Config
 from icl_gd.data import distribution
 from icl_gd.train import init_state, make_optimizer, make_train_chunk, run_keys
@@ -61,16 +61,16 @@ class _Vmapped:
     def __init__(self, ms: list[Config], steps: int, mesh: jax.sharding.Mesh | None = None):
         rep = sweep.group_key(ms[0])
         self.mesh = mesh
-        self.states = sweep.stack([init_state(c, make_optimizer(c)) for c in ms])
-        self.dists = sweep.place(sweep.stack([distribution(c) for c in ms]), mesh)
-        self.keys = sweep.place(sweep.stack([run_keys(c.seed)["train"] for c in ms]), mesh)
+        self.states = devices.stack([init_state(c, make_optimizer(c)) for c in ms])
+        self.dists = devices.place(devices.stack([distribution(c) for c in ms]), mesh)
+        self.keys = devices.place(devices.stack([run_keys(c.seed)["train"] for c in ms]), mesh)
         fn = sweep.make_group_fns(rep).chunk
         t0 = time.perf_counter()
         self.compiled = fn.lower(self.fresh()[0], self.dists, self.keys, length=steps).compile()
         self.compile_seconds = time.perf_counter() - t0
 
     def fresh(self):
-        return (sweep.place(self.states, self.mesh),)
+        return (devices.place(self.states, self.mesh),)
 
     def __call__(self, state):
         return self.compiled(state, self.dists, self.keys)
@@ -107,7 +107,7 @@ def main(argv: list[str]) -> None:
     t_sq = _timed(sq, FLAGS.repeats)
     sharded = None
     if jax.device_count() > 1 and len(ms) % jax.device_count() == 0:
-        sh = _Vmapped(ms, FLAGS.steps, sweep.member_mesh())
+        sh = _Vmapped(ms, FLAGS.steps, devices.member_mesh())
         t_sh = _timed(sh, FLAGS.repeats)
         sharded = {"sharded_seconds_median": statistics.median(t_sh), "sharded_seconds_all": t_sh,
                    "sharded_compile_seconds": sh.compile_seconds,

@@ -37,24 +37,23 @@ import json
 import math
 import os
 import re
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
-from icl_gd import theory, watchdog
+from icl_gd import devices
 from icl_gd.checkpoint import Checkpointer, check_same_run, read_config, write_config
 from icl_gd.config import OPERATIONAL_FIELDS, Config, ConfigError
 from icl_gd.data import distribution
 from icl_gd.locks import RunLock
 from icl_gd.train import (
-    Preempted,
+    Member,
+    Programs,
     SigtermFlag,
     TrainState,
+    chunk_loop,
     init_state,
     make_eval,
     make_optimizer,
@@ -65,7 +64,6 @@ from icl_gd.train import (
 # Fields that only change the Distribution arrays or the keys: members differing only in these
 # share one compiled program.
 VMAPPABLE_FIELDS = ("covariance", "cond", "eigenvalues", "rotate", "rotation_seed", "weight_prior", "noise", "seed")
-MEMBER_AXIS = "members"
 
 _NUM = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
 
@@ -186,81 +184,17 @@ def shard(members: Sequence[Config], num_shards: int, index: int) -> list[Config
 
 
 # ---------------------------------------------------------------------------------------
-# Pytree stacking and multi-device placement.
-# ---------------------------------------------------------------------------------------
-def stack(trees: Sequence[Any]) -> Any:
-    """Stack same-structure pytrees along a new leading (member) axis, on the host."""
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
-
-
-def unstack(tree: Any, i: int) -> Any:
-    """Member ``i`` of a stacked host pytree."""
-    return jax.tree.map(lambda x: x[i], tree)
-
-
-def member_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """1-D mesh over all (global) devices; the member axis is split over it."""
-    devices = list(jax.devices()) if devices is None else list(devices)
-    return jax.sharding.Mesh(np.array(devices), (MEMBER_AXIS,))
-
-
-def place(tree: Any, mesh: jax.sharding.Mesh | None) -> Any:
-    """Host arrays -> global jax.Arrays sharded on the member axis (every process holds the full
-    host copy, so each one fills its own shards; works across jax.distributed processes)."""
-    if mesh is None:
-        return jax.tree.map(jnp.asarray, tree)
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(MEMBER_AXIS))
-    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), tree)
-
-
-def to_host(tree: Any) -> Any:
-    """Global (possibly multi-process) arrays -> full NumPy copies on every process."""
-    leaves = jax.tree.leaves(tree)
-    if all(getattr(x, "is_fully_addressable", True) for x in leaves):
-        return jax.tree.map(np.asarray, tree)
-    from jax.experimental import multihost_utils
-
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-
-
-def _agree(flag: bool) -> bool:
-    """Process 0's value of ``flag`` on every process (itself when single-process)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-# ---------------------------------------------------------------------------------------
 # Group programs.
 # ---------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class GroupFns:
-    """The vmapped, jitted programs of one group (built once, reused across chunk lengths)."""
-
-    chunk: Callable  # (state[M], dist[M], train_key[M], length) -> (state[M], losses[M, length])
-    eval: Callable  # (params[M], dist[M], eval_key[M]) -> eval_loss[M]
-
-
-def make_group_fns(rep: Config) -> GroupFns:
-    """vmap the single-run chunk and eval of ``train`` over the member axis."""
+def make_group_fns(rep: Config) -> Programs:
+    """vmap the single-run chunk and eval of ``train`` over the member axis (``Programs.stacked``)."""
     chunk = make_train_chunk(rep, make_optimizer(rep))
 
     def vchunk(state: TrainState, dist: Any, train_key: jax.Array, length: int):
         return jax.vmap(functools.partial(chunk, length=length))(state, dist, train_key)
 
-    return GroupFns(
-        chunk=jax.jit(vchunk, static_argnames="length", donate_argnums=0),
-        eval=jax.jit(jax.vmap(make_eval(rep))),
-    )
+    return Programs(jax.jit(vchunk, static_argnames="length", donate_argnums=0), jax.jit(jax.vmap(make_eval(rep))),
+                    {}, stacked=True)
 
 
 @dataclasses.dataclass
@@ -277,20 +211,7 @@ class MemberResult:
     message: str = ""
 
 
-@dataclasses.dataclass
-class _Active:
-    cfg: Config
-    workdir: str
-    ckpt: Checkpointer
-    state: TrainState
-    history: list[dict]
-    start_step: int
-    final_step: int = 0
-    failed: str = ""
-    lock: RunLock | None = None
-
-
-def _open_member(cfg: Config, root: str, log: Callable[[str], None]) -> _Active | MemberResult:
+def _open_member(cfg: Config, root: str, log: Callable[[str], None]) -> tuple[Member, TrainState] | MemberResult:
     """Claim, check, create or resume one member's folder; a MemberResult if it is already
     finished or another sweep process is training it (status 'busy')."""
     workdir = os.path.join(root, member_name(cfg))
@@ -318,11 +239,11 @@ def _finished(workdir: str, cfg: Config) -> bool:
 
 
 def _open_claimed(cfg: Config, workdir: str, lock: RunLock | None,
-                  log: Callable[[str], None]) -> _Active | MemberResult:
+                  log: Callable[[str], None]) -> tuple[Member, TrainState] | MemberResult:
     check_same_run(workdir, cfg)
     if jax.process_index() == 0 and read_config(workdir) is None:  # never rewrite a finished member's files
         write_config(workdir, cfg)
-    _barrier(f"sweep-config-{member_name(cfg)}")
+    devices.barrier(f"sweep-config-{member_name(cfg)}")
     ckpt = Checkpointer(workdir, keep=cfg.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None and latest >= cfg.steps:
@@ -335,108 +256,60 @@ def _open_claimed(cfg: Config, workdir: str, lock: RunLock | None,
         state, _, history = ckpt.restore(state)
         state = state if isinstance(state, TrainState) else TrainState(*state)
         log(f"{member_name(cfg)}: resuming from step {latest}")
-    return _Active(cfg, workdir, ckpt, state, history, int(state.step), int(state.step), lock=lock)
+    return Member(cfg, workdir, ckpt, history, int(state.step), int(state.step), lock=lock), state
 
 
-def train_group(members: Sequence[Config], root: str, fns: GroupFns | None = None,
+def train_group(members: Sequence[Config], root: str, fns: Programs | None = None,
                 mesh: jax.sharding.Mesh | None = None,
                 log: Callable[[str], None] = logging.info) -> list[MemberResult]:
-    """Train (or resume, or skip) same-shape members together; one checkpoint folder each."""
+    """Train (or resume, or skip) same-shape members together in one ``train.chunk_loop``; one
+    checkpoint folder each. A member whose loss goes non-finite fails alone."""
     keys = {group_key(c) for c in members}
     if len(keys) != 1:
         raise ValueError(f"train_group needs members of one group, got {len(keys)} groups")
     results: list[MemberResult] = []
-    active: list[_Active] = []
+    active: list[tuple[Member, TrainState]] = []
     for cfg in members:
         opened = _open_member(cfg, root, log)
         (results if isinstance(opened, MemberResult) else active).append(opened)
     if active:
         fns = fns or make_group_fns(group_key(members[0]))
         # Members interrupted at different checkpoints advance in separate stacks (rare).
-        by_step: dict[int, list[_Active]] = {}
+        by_step: dict[int, list[tuple[Member, TrainState]]] = {}
         for a in active:
-            by_step.setdefault(a.start_step, []).append(a)
+            by_step.setdefault(a[0].start_step, []).append(a)
         try:
             with SigtermFlag() as sigterm:
                 for batch in by_step.values():
                     _train_stack(batch, fns, mesh, log, sigterm)
         finally:
-            for a in active:
-                a.ckpt.close()
-                if a.lock is not None:
-                    a.lock.release()
-        for a in active:
-            status = "failed" if a.failed else ("resumed" if a.start_step else "trained")
-            last = a.history[-1]["eval_loss"] if a.history else None
-            results.append(MemberResult(member_name(a.cfg), a.cfg, a.workdir, status, a.start_step,
-                                        a.final_step, last, a.failed))
+            for m, _ in active:
+                m.ckpt.close()
+                if m.lock is not None:
+                    m.lock.release()
+        for m, _ in active:
+            status = "failed" if m.failed else ("resumed" if m.start_step else "trained")
+            last = m.history[-1]["eval_loss"] if m.history else None
+            results.append(MemberResult(member_name(m.cfg), m.cfg, m.workdir, status, m.start_step,
+                                        m.final_step, last, m.failed))
     order = {id(c): i for i, c in enumerate(members)}
     return sorted(results, key=lambda r: order.get(id(r.config), 0))
 
 
-def _train_stack(batch: list[_Active], fns: GroupFns, mesh: jax.sharding.Mesh | None,
+def _train_stack(batch: list[tuple[Member, TrainState]], fns: Programs, mesh: jax.sharding.Mesh | None,
                  log: Callable[[str], None], sigterm: SigtermFlag | None = None) -> None:
-    """The chunk loop of ``train.train``, vmapped over ``batch`` (padded to the mesh size)."""
-    cfg0 = batch[0].cfg
-    real = len(batch)
+    """Stack ``batch`` (padded to the mesh size; padding is computed, never saved) and run the loop."""
+    members = [m for m, _ in batch]
     size = 1 if mesh is None else mesh.size
-    padded = batch + [batch[0]] * ((-real) % size)  # padding members are computed, never saved
-    m = len(padded)
-    keys = [run_keys(a.cfg.seed) for a in padded]
-    state = place(stack([a.state for a in padded]), mesh)
-    dists = place(stack([distribution(a.cfg) for a in padded]), mesh)
-    train_keys = place(stack([k["train"] for k in keys]), mesh)
-    eval_keys = place(stack([k["eval"] for k in keys]), mesh)
-    optima = [theory.config_optimum(a.cfg) for a in batch]
-    compiled: dict[int, Any] = {}
-    step = batch[0].start_step
-    while step < cfg0.steps:
-        nxt = min(cfg0.steps, (step // cfg0.log_every + 1) * cfg0.log_every,
-                  (step // cfg0.checkpoint_every + 1) * cfg0.checkpoint_every)
-        length = nxt - step
-        with watchdog.stage(f"training {real} sweep members from {batch[0].workdir}: steps {step} to {nxt}"):
-            if length not in compiled:
-                t0 = time.perf_counter()
-                compiled[length] = fns.chunk.lower(state, dists, train_keys, length=length).compile()
-                log(f"compiled a {length}-step call for {m} members in {time.perf_counter() - t0:.2f}s")
-            t0 = time.perf_counter()
-            state, losses = compiled[length](state, dists, train_keys)
-            losses = to_host(losses)
-            dt = time.perf_counter() - t0
-            eval_loss = to_host(fns.eval(state.params, dists, eval_keys))
-        step = nxt
-        # Under jax.distributed every process must agree to stop: process 0's flag decides.
-        stop = _agree(sigterm is not None and sigterm.set) and step < cfg0.steps
-        save = step % cfg0.checkpoint_every == 0 or step == cfg0.steps or stop
-        host_state = to_host(state) if save else None
-        for i, a in enumerate(batch):
-            if a.failed:
-                continue
-            if not np.all(np.isfinite(losses[i])):
-                bad = step - length + int(np.argmin(np.isfinite(losses[i])))
-                a.failed = (f"non-finite training loss at step {bad}; last good checkpoint kept: "
-                            f"step {a.ckpt.latest_step()}")
-                logging.error("%s: %s", member_name(a.cfg), a.failed)
-                continue
-            record = {"step": step, "train_loss": float(losses[i].mean()), "eval_loss": float(eval_loss[i]),
-                      "steps_per_sec": length / dt, "tasks_per_sec": length * a.cfg.batch_size * real / dt,
-                      "group_size": real}
-            if optima[i] is not None:
-                record["loss_star"] = optima[i][1]
-            a.history.append(record)
-            if save:
-                with watchdog.stage(f"saving the step-{step} checkpoint of {a.workdir}"):
-                    a.ckpt.save(step, unstack(host_state, i), a.cfg, a.history)
-                a.final_step = step
-        _barrier(f"sweep-step-{step}")
-        ok = [i for i, a in enumerate(batch) if not a.failed] or [0]
-        log(f"step {step:>7d}  {real} members ({real - len(ok)} failed)  "
-            f"train loss mean {np.mean([losses[i].mean() for i in ok]):.4f}  "
-            f"eval [{np.min(eval_loss[ok]):.4f}, {np.max(eval_loss[ok]):.4f}]  "
-            f"{length / dt:.1f} steps/s  {length * cfg0.batch_size * real / dt:.3g} tasks/s")
-        if stop:
-            raise Preempted(f"SIGTERM at step {step}: {real} members checkpointed under "
-                            f"{os.path.dirname(batch[0].workdir)}; re-run the same command to resume")
+    padded = batch + [batch[0]] * ((-len(batch)) % size)
+    keys = [run_keys(m.cfg.seed) for m, _ in padded]
+    state = devices.place(devices.stack([s for _, s in padded]), mesh)
+    dists = devices.place(devices.stack([distribution(m.cfg) for m, _ in padded]), mesh)
+    train_keys = devices.place(devices.stack([k["train"] for k in keys]), mesh)
+    eval_keys = devices.place(devices.stack([k["eval"] for k in keys]), mesh)
+    programs = dataclasses.replace(fns, compiled={})  # executables are per stack size
+    chunk_loop(members, state, dists, train_keys, eval_keys, programs, members[0].cfg.steps, sigterm,
+               fail_fast=False, log=log)
 
 
 def run_sweep(members: Sequence[Config], root: str, mesh: jax.sharding.Mesh | None = None,
@@ -454,7 +327,7 @@ def run_sweep(members: Sequence[Config], root: str, mesh: jax.sharding.Mesh | No
 
 def default_mesh() -> jax.sharding.Mesh | None:
     """A member mesh when more than one (global) device exists, else None (plain vmap)."""
-    return member_mesh() if jax.device_count() > 1 else None
+    return devices.member_mesh() if jax.device_count() > 1 else None
 
 
 def summarize(results: Sequence[MemberResult]) -> dict[str, int]:

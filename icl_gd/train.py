@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import signal
 import threading
 import time
@@ -22,10 +23,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from icl_gd import analysis, theory, watchdog
+from icl_gd import analysis, devices, theory, watchdog
 from icl_gd.checkpoint import Checkpointer, check_same_run, write_config
 from icl_gd.config import Config
 from icl_gd.data import Distribution, TaskSpec, distribution, sample_tasks
+from icl_gd.errors import NonFiniteLossError, Preempted  # noqa: F401 - re-exported
 from icl_gd.loss import task_loss
 from icl_gd.model import Params, init_params
 
@@ -36,14 +38,6 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar
     params: Params
     opt_state: Any
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/Inf loss; the last good checkpoint was kept."""
-
-
-class Preempted(RuntimeError):
-    """SIGTERM arrived (pre-emption): a checkpoint was saved and the run stopped cleanly."""
 
 
 class SigtermFlag:
@@ -168,32 +162,146 @@ def one_step_summary(cfg: Config, params: Params) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(cfg: Config) -> tuple[Callable, Callable, dict[int, Any]]:
-    """Jitted train chunk, jitted eval and a {length: executable} cache, shared by every
-    ``train`` call with this config in the process (resumes and tests skip recompiling)."""
+def _programs(cfg: Config) -> Programs:
+    """Jitted train chunk and eval with their compile cache, shared by every ``train`` call with
+    this config in the process (resumes and tests skip recompiling)."""
     chunk = jax.jit(make_train_chunk(cfg, make_optimizer(cfg)), static_argnames="length", donate_argnums=0)
-    return chunk, jax.jit(make_eval(cfg)), {}
+    return Programs(chunk, jax.jit(make_eval(cfg)), {})
+
+
+@dataclasses.dataclass
+class Member:
+    """One run inside ``chunk_loop``: its config, checkpoint folder and what the loop records.
+
+    A single run is a one-member loop; a sweep group stacks several members on a leading axis.
+    """
+
+    cfg: Config
+    workdir: str | None
+    ckpt: Checkpointer | None
+    history: list[dict]
+    start_step: int
+    final_step: int = 0
+    failed: str = ""  # set when the member's loss went non-finite (it stops; the others go on)
+    lock: Any = None  # the sweep's RunLock claim on the folder, released by the caller
+
+
+@dataclasses.dataclass
+class Programs:
+    """The jitted chunk and eval of a loop, and its {chunk length: executable} cache.
+
+    ``stacked``: the programs carry a leading member axis (a vmapped sweep group).
+    """
+
+    chunk: Callable  # (state, dist, train_key, length) -> (state, losses[..., length])
+    eval: Callable  # (params, dist, eval_key) -> eval loss (one per member when stacked)
+    compiled: dict[int, Any]
+    stacked: bool = False
+
+
+def chunk_boundary(step: int, cfg: Config, stop: int) -> int:
+    """The end of the compiled call that starts at ``step``: the next log or checkpoint step, or ``stop``."""
+    return min(stop, (step // cfg.log_every + 1) * cfg.log_every,
+               (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
+
+
+def _nonfinite_message(member: Member, losses: np.ndarray, first_step: int) -> str:
+    bad = first_step + int(np.argmin(np.isfinite(losses)))
+    finite = losses[np.isfinite(losses)]
+    history = member.history
+    last = f"{finite[-1]:.4g}" if finite.size else (f"{history[-1]['train_loss']:.4g}" if history else "none")
+    kept = member.ckpt.latest_step() if member.ckpt else None
+    return (f"non-finite training loss at step {bad} (last finite loss {last}); last good checkpoint kept: "
+            f"step {kept}. Try a lower --lr (now {member.cfg.lr}) or --clip_norm.")
+
+
+def chunk_loop(members: list[Member], state: Any, dists: Any, train_keys: Any, eval_keys: Any, programs: Programs,
+               stop: int, sigterm: SigtermFlag | None = None, fail_fast: bool = True,
+               log: Callable[[str], None] = logging.info) -> Any:
+    """The training loop: compiled calls of ``chunk_boundary`` steps until ``stop``; returns the state.
+
+    After each call: the NaN guard (``fail_fast`` raises ``NonFiniteLossError``, else the member is
+    marked failed and saves nothing more), the held-out loss, one history record per member, a
+    checkpoint at every ``checkpoint_every`` step and at ``stop``, and SIGTERM handling (save, then
+    ``Preempted``; under jax.distributed process 0's flag decides). Resuming from a checkpoint
+    replays exactly the same key stream, so a resumed run is bitwise the uninterrupted one.
+    """
+    cfg0, real = members[0].cfg, len(members)
+    where = members[0].workdir if real == 1 else f"{real} members under {os.path.dirname(members[0].workdir)}"
+    optima = [theory.config_optimum(m.cfg) for m in members]
+    lift = (lambda x: x) if programs.stacked else (lambda x: np.asarray(x)[None])  # host arrays get a member axis
+    step = members[0].start_step
+    while step < stop:
+        nxt = chunk_boundary(step, cfg0, stop)
+        length = nxt - step
+        with watchdog.stage(f"training {where}: steps {step} to {nxt}"):
+            if length not in programs.compiled:
+                t0 = time.perf_counter()
+                programs.compiled[length] = programs.chunk.lower(state, dists, train_keys, length=length).compile()
+                size = f" for {jax.tree.leaves(train_keys)[0].shape[0]} members" if programs.stacked else ""
+                log(f"compiled a {length}-step call{size} in {time.perf_counter() - t0:.2f}s")
+            t0 = time.perf_counter()
+            state, losses = programs.compiled[length](state, dists, train_keys)
+            losses = lift(devices.to_host(losses))
+            dt = time.perf_counter() - t0
+        for i, m in enumerate(members):
+            if not m.failed and not np.all(np.isfinite(losses[i])):
+                m.failed = _nonfinite_message(m, losses[i], step)
+                if fail_fast:
+                    raise NonFiniteLossError(m.failed)
+                logging.error("%s: %s", m.workdir, m.failed)
+        with watchdog.stage(f"held-out evaluation of {where} at step {nxt}"):
+            eval_loss = lift(devices.to_host(programs.eval(state.params, dists, eval_keys)))
+        step = nxt
+        stopping = devices.agree(sigterm is not None and sigterm.set) and step < stop
+        save = step % cfg0.checkpoint_every == 0 or step == stop or stopping
+        host_state = devices.to_host(state) if save and any(m.ckpt for m in members) else None
+        for i, m in enumerate(members):
+            if m.failed:
+                continue
+            record = {"step": step, "train_loss": float(losses[i].mean()), "eval_loss": float(eval_loss[i]),
+                      "steps_per_sec": length / dt, "tasks_per_sec": length * m.cfg.batch_size * real / dt}
+            if programs.stacked:
+                record["group_size"] = real
+            if optima[i] is not None:
+                record["loss_star"] = optima[i][1]
+            m.history.append(record)
+            if save and m.ckpt is not None:
+                with watchdog.stage(f"saving the step-{step} checkpoint of {m.workdir}"):
+                    m.ckpt.save(step, devices.unstack(host_state, i) if programs.stacked else host_state,
+                                m.cfg, m.history)
+                m.final_step = step
+        devices.barrier(f"train-step-{step}")
+        log(_progress_line(members, losses, eval_loss, optima, step, length, dt, programs.stacked))
+        if stopping:
+            raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {where}; re-run the same command to resume")
+    return state
+
+
+def _progress_line(members: list[Member], losses: np.ndarray, eval_loss: np.ndarray, optima: list, step: int,
+                   length: int, dt: float, stacked: bool) -> str:
+    real = len(members)
+    rate = f"{length / dt:.1f} steps/s  {length * members[0].cfg.batch_size * real / dt:.3g} tasks/s"
+    if not stacked:
+        star = f"  L*={optima[0][1]:.4f}" if optima[0] is not None else ""
+        return f"step {step:>7d}  train {losses[0].mean():.4f}  eval {eval_loss[0]:.4f}{star}  {rate}"
+    ok = [i for i, m in enumerate(members) if not m.failed] or [0]
+    return (f"step {step:>7d}  {real} members ({real - len(ok)} failed)  "
+            f"train loss mean {np.mean([losses[i].mean() for i in ok]):.4f}  "
+            f"eval [{np.min(eval_loss[ok]):.4f}, {np.max(eval_loss[ok]):.4f}]  {rate}")
 
 
 def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = logging.info,
           until: int | None = None) -> TrainResult:
-    """Train (or resume) one run; checkpoints go to ``workdir`` when given.
+    """Train (or resume) one run, a one-member ``chunk_loop``; checkpoints go to ``workdir`` when given.
 
     ``until`` stops early at that step (saving a checkpoint there), e.g. for time-sliced jobs;
     calling again resumes exactly where it stopped. SIGTERM saves a checkpoint at the end of
     the current compiled call and raises ``Preempted``; a NaN/Inf loss raises
     ``NonFiniteLossError`` without saving, so the last good checkpoint stays the latest.
     """
-    with SigtermFlag() as sigterm:
-        return _train(cfg, workdir, log, until, sigterm)
-
-
-def _train(cfg: Config, workdir: str | None, log: Callable[[str], None], until: int | None,
-           sigterm: SigtermFlag) -> TrainResult:
     cfg.validate()
-    optimizer = make_optimizer(cfg)
-    keys = run_keys(cfg.seed)
-    state = init_state(cfg, optimizer)
+    state = init_state(cfg)
     history: list[dict] = []
     ckpt = None
     if workdir is not None:
@@ -204,68 +312,22 @@ def _train(cfg: Config, workdir: str | None, log: Callable[[str], None], until: 
             state, _, history = ckpt.restore(state)
             state = TrainState(*state) if not isinstance(state, TrainState) else state
             log(f"resumed from step {int(state.step)} in {workdir}")
-
-    dist = distribution(cfg)
-    optimum = theory.config_optimum(cfg)
-    loss_star = None if optimum is None else optimum[1]
-    chunk, eval_fn, compiled = _programs(cfg)
-
-    step = int(state.step)
+    member = Member(cfg, workdir, ckpt, history, int(state.step))
+    keys = run_keys(cfg.seed)
     stop = cfg.steps if until is None else min(until, cfg.steps)
     t_start = time.perf_counter()
-    while step < stop:
-        nxt = min(stop, (step // cfg.log_every + 1) * cfg.log_every,
-                  (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
-        length = nxt - step
-        with watchdog.stage(f"training {workdir or 'run'}: steps {step} to {nxt}"):
-            if length not in compiled:
-                t0 = time.perf_counter()
-                compiled[length] = chunk.lower(state, dist, keys["train"], length=length).compile()
-                log(f"compiled a {length}-step call in {time.perf_counter() - t0:.2f}s")
-            t0 = time.perf_counter()
-            state, losses = compiled[length](state, dist, keys["train"])
-            losses = np.asarray(losses)
-            dt = time.perf_counter() - t0
-        if not np.all(np.isfinite(losses)):
-            bad = step + int(np.argmin(np.isfinite(losses)))
-            finite = losses[np.isfinite(losses)]
-            last = f"{finite[-1]:.4g}" if finite.size else (f"{history[-1]['train_loss']:.4g}" if history else "none")
-            kept = ckpt.latest_step() if ckpt else None
-            raise NonFiniteLossError(
-                f"non-finite training loss at step {bad} (last finite loss {last}); "
-                f"last good checkpoint kept: step {kept}. Try a lower --lr (now {cfg.lr}) or --clip_norm."
-            )
-        step = nxt
-        with watchdog.stage(f"held-out evaluation of {workdir or 'run'} at step {step}"):
-            eval_loss = float(eval_fn(state.params, dist, keys["eval"]))
-        record = {
-            "step": step,
-            "train_loss": float(losses.mean()),
-            "eval_loss": eval_loss,
-            "steps_per_sec": length / dt,
-            "tasks_per_sec": length * cfg.batch_size / dt,
-        }
-        if loss_star is not None:
-            record["loss_star"] = loss_star
-        history.append(record)
-        star = f"  L*={loss_star:.4f}" if loss_star is not None else ""
-        log(f"step {step:>7d}  train {record['train_loss']:.4f}  eval {eval_loss:.4f}{star}  "
-            f"{record['steps_per_sec']:.1f} steps/s  {record['tasks_per_sec']:.3g} tasks/s")
-        if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == stop or sigterm.set):
-            with watchdog.stage(f"saving the step-{step} checkpoint of {workdir}"):
-                ckpt.save(step, state, cfg, history)
-        if sigterm.set and step < stop:
-            if ckpt is not None:
-                ckpt.close()
-            raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {workdir}; "
-                            "re-run the same command to resume")
-
+    try:
+        with SigtermFlag() as sigterm:
+            state = chunk_loop([member], state, distribution(cfg), keys["train"], keys["eval"], _programs(cfg),
+                               stop, sigterm, fail_fast=True, log=log)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
     summary = {"steps": int(state.step), "wall_seconds": time.perf_counter() - t_start}
     if history:
         summary["eval_loss"] = history[-1]["eval_loss"]
-    if loss_star is not None:
-        summary["loss_star"] = loss_star
+    optimum = theory.config_optimum(cfg)
+    if optimum is not None:
+        summary["loss_star"] = optimum[1]
     summary.update(one_step_summary(cfg, state.params))
-    if ckpt is not None:
-        ckpt.close()
     return TrainResult(cfg, state, history, summary)

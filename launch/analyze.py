@@ -8,12 +8,11 @@ run under DIR/analysis/<run>/ and the loss-against-depth figure DIR/analysis/dep
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 
 from icl_gd.config import ConfigError
-from launch.flags import define_watchdog_flag, quiet_library_logs, start_watchdog
+from launch.flags import define_watchdog_flag, exit_codes, quiet_library_logs, start_watchdog
 
 flags.DEFINE_string("workdir", None, "A run directory (with checkpoints/) or a folder of run directories.")
 flags.DEFINE_string("out", None, "Output directory; default WORKDIR/analysis.")
@@ -41,31 +40,32 @@ def find_runs(workdir: str) -> dict[str, str]:
     return {e: os.path.join(workdir, e) for e in subs}
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def check_flags() -> dict[str, str]:
+    """Validate the flags before JAX is imported; the runs {name: path}, or ConfigError naming the flag."""
+    workdir = FLAGS.workdir
+    if not workdir:
+        raise ConfigError("workdir", workdir, "is required (a run directory or a folder of runs)")
+    if not os.path.isdir(workdir):
+        raise ConfigError("workdir", workdir, "does not exist or is not a directory")
+    runs = find_runs(workdir)
+    if not runs:
+        raise ConfigError("workdir", workdir, "holds no run: expected checkpoints/ in it or in its subfolders")
+    empty = [name for name, path in runs.items() if not _has_checkpoint(path)]
+    if empty:
+        raise ConfigError("workdir", workdir, f"no checkpoint saved yet in {', '.join(empty)} (train it first)")
+    for name, lo in (("max_steps", 0), ("tune_tasks", 16), ("mc_tasks", 256)):
+        if FLAGS[name].value < lo:
+            raise ConfigError(name, FLAGS[name].value, f"must be an integer >= {lo}")
+    start_watchdog()
+    return runs
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    with exit_codes():
+        runs = check_flags()
     workdir = FLAGS.workdir
-    if not workdir:
-        _fail("--workdir is required (a run directory or a folder of runs)")
-    if not os.path.isdir(workdir):
-        _fail(f"--workdir={workdir!r} does not exist or is not a directory")
-    runs = find_runs(workdir)
-    if not runs:
-        _fail(f"--workdir={workdir!r} holds no run: expected checkpoints/ in it or in its subfolders")
-    empty = [name for name, path in runs.items() if not _has_checkpoint(path)]
-    if empty:
-        _fail(f"--workdir={workdir!r}: no checkpoint saved yet in {', '.join(empty)} (train it first)")
-    if FLAGS.max_steps < 0 or FLAGS.tune_tasks < 16 or FLAGS.mc_tasks < 256:
-        _fail("--max_steps must be >= 0, --tune_tasks >= 16 and --mc_tasks >= 256")
-    try:
-        start_watchdog()
-    except ConfigError as e:
-        _fail(str(e))
 
     import icl_gd  # after flag checks: the usage errors above stay fast
     from icl_gd import report

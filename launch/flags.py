@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
+from collections.abc import Iterator
 
 from absl import flags, logging
 
 from icl_gd import watchdog
-from icl_gd.config import Config, ConfigError
+from icl_gd.config import Config, ConfigError, ConfigMismatchError
+from icl_gd.errors import NonFiniteLossError, Preempted
 
 _DEFINERS = {
     "int": flags.DEFINE_integer,
@@ -78,3 +82,24 @@ def start_watchdog() -> None:
     if not seconds >= 0:
         raise ConfigError("watchdog_s", seconds, "must be >= 0 seconds (0 turns the watchdog off)")
     watchdog.configure(seconds)
+
+
+EXIT_USAGE, EXIT_RUN_FAILED, EXIT_PREEMPTED = 2, 3, 143  # and watchdog.EXIT_HANG = 124
+
+
+@contextlib.contextmanager
+def exit_codes() -> Iterator[None]:
+    """The launchers' one error-to-exit-code map, with a one-line message and no traceback:
+    bad flags or a workdir of another run -> 2, a non-finite loss -> 3, SIGTERM -> 143
+    (128 + SIGTERM, as schedulers expect of a terminated job; a checkpoint was saved)."""
+    try:
+        yield
+    except (ConfigError, ConfigMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_RUN_FAILED)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)

@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 
 from icl_gd.config import ConfigError
-from launch.flags import check_workdir, define_watchdog_flag, quiet_library_logs, start_watchdog
+from launch.flags import check_workdir, define_watchdog_flag, exit_codes, quiet_library_logs, start_watchdog
 
 flags.DEFINE_string("experiment", "all", "Experiment name, or 'all'.")
 flags.DEFINE_boolean("quick", False, "CPU-sized version (d=3, n=10, a few minutes) instead of paper scale.")
@@ -75,21 +75,19 @@ def main(argv: list[str]) -> None:
     from icl_gd.experiments import EXPERIMENTS, Size, run_experiment
 
     names = list(EXPERIMENTS) if FLAGS.experiment == "all" else [FLAGS.experiment]
-    try:
+    with exit_codes():
         if FLAGS.experiment != "all" and FLAGS.experiment not in EXPERIMENTS:
             raise ConfigError("experiment", FLAGS.experiment, f"allowed values are all, {', '.join(EXPERIMENTS)}")
         if FLAGS.steps < 0:
             raise ConfigError("steps", FLAGS.steps, "must be an integer >= 0")
         check_workdir(FLAGS.workdir)
         start_watchdog()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     quiet_library_logs()
     size = Size(quick=FLAGS.quick, steps=FLAGS.steps)
     outcomes = []
     for name in names:
-        outcome = run_experiment(name, FLAGS.workdir, size)
+        with exit_codes():  # a non-finite loss or SIGTERM in an experiment's run
+            outcome = run_experiment(name, FLAGS.workdir, size)
         outcomes.append(outcome)
         print(f"== {name}: {outcome.claim}")
         for c in outcome.checks:

@@ -23,11 +23,13 @@ import time
 
 from absl import app, flags, logging
 
-from icl_gd.config import ConfigError, ConfigMismatchError
+from icl_gd.config import ConfigError
 from launch.flags import (
+    EXIT_RUN_FAILED,
     config_from_flags,
     define_config_flags,
     define_watchdog_flag,
+    exit_codes,
     quiet_library_logs,
     start_watchdog,
 )
@@ -160,9 +162,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs()
-    from icl_gd.train import Preempted  # after flag parsing: fast --help
-
-    try:
+    with exit_codes():
         for name, lo in (("num_shards", 1), ("slurm_nodes", 1), ("slurm_gpus", 0), ("slurm_cpus", 1)):
             if FLAGS[name].value < lo:
                 raise ConfigError(name, FLAGS[name].value, f"must be an integer >= {lo}")
@@ -196,7 +196,7 @@ def main(argv: list[str]) -> None:
                     if r.status == "failed":
                         print(f"FAILED {r.workdir}: {r.message}", file=sys.stderr)
             if counts.get("failed"):
-                sys.exit(3)
+                sys.exit(EXIT_RUN_FAILED)
         whole = len(mine) == len(members)
         if FLAGS.only_aggregate or (FLAGS.aggregate and whole):
             from icl_gd import aggregate
@@ -206,12 +206,6 @@ def main(argv: list[str]) -> None:
             paths = aggregate.aggregate(members, FLAGS.workdir, baselines=FLAGS.baselines, write=lead)
             if lead:
                 print("aggregated: " + "  ".join(paths.values()))
-    except (ConfigError, ConfigMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(143)  # 128 + SIGTERM, as schedulers expect of a terminated job
 
 
 if __name__ == "__main__":

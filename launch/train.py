@@ -7,16 +7,14 @@ next to the theory's eta* = n/(n+d+1+sigma^2).
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 
-from icl_gd.config import ConfigError, ConfigMismatchError
 from launch.flags import (
     check_workdir,
     config_from_flags,
     define_config_flags,
     define_watchdog_flag,
+    exit_codes,
     quiet_library_logs,
     start_watchdog,
 )
@@ -52,27 +50,14 @@ def report(summary: dict, cfg) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:  # validate every flag before JAX is even imported
-        cfg = config_from_flags()
+    with exit_codes():
+        cfg = config_from_flags()  # every flag is validated before JAX is even imported
         check_workdir(FLAGS.workdir)
         start_watchdog()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    from icl_gd.train import NonFiniteLossError, Preempted, train
+        from icl_gd.train import train
 
-    quiet_library_logs()
-    try:
+        quiet_library_logs()
         result = train(cfg, FLAGS.workdir)
-    except ConfigMismatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-    except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(143)  # 128 + SIGTERM, as schedulers expect of a terminated job
     logging.info("summary: %s", result.summary)
     print(report(result.summary, cfg))
     print(f"checkpoint: {FLAGS.workdir}  (open it with: run = icl_gd.load({FLAGS.workdir!r}))")

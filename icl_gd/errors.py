@@ -1,0 +1,13 @@
+"""The errors a run can end with (no JAX import: the launchers map them to exit codes cheaply).
+
+``ConfigError`` / ``ConfigMismatchError`` (bad flags, a workdir of another run) live in
+``icl_gd.config``; these two come from the training loop.
+"""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss; the last good checkpoint was kept."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived (pre-emption): a checkpoint was saved and the run stopped cleanly."""
