@@ -29,7 +29,9 @@ from absl import app, flags
 from icl_gd import devices, sweep
 from icl_gd.config import Config
 from icl_gd.data import distribution
-from icl_gd.train import init_state, make_optimizer, make_train_chunk, run_keys
+from icl_gd.keys import run_keys
+from icl_gd.optim import make_optimizer
+from icl_gd.train import init_state, make_train_chunk
 
 flags.DEFINE_integer("d", 5, "Covariate dimension.")
 flags.DEFINE_integer("n", 20, "Context length.")

@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 
 from icl_gd import theory, watchdog
+from icl_gd.analysis import one_step_summary
 from icl_gd.baselines import evaluate as evaluate_baselines
 from icl_gd.checkpoint import Checkpointer
 from icl_gd.config import Config
 from icl_gd.data import covariance_matrix, prior_covariance
 from icl_gd.sweep import covariance_label, member_name
-from icl_gd.train import one_step_summary
 
 CSV_NAME = "sweep_results.csv"
 ROW_NAME = "aggregate_row.json"

@@ -25,7 +25,7 @@ import numpy as np
 from icl_gd.config import Config
 from icl_gd.data import Tasks
 from icl_gd.model import Params, effective_params
-from icl_gd.theory import one_step_predict
+from icl_gd.theory import config_optimum, one_step_predict
 
 
 def _heads(w: np.ndarray, cfg: Config) -> np.ndarray:
@@ -195,3 +195,18 @@ def gd_part_fraction(params: Params, cfg: Config, tasks: Tasks, predict: Callabl
 def to_list(a: Any) -> Any:
     """JSON-friendly nested lists of floats."""
     return np.asarray(a, np.float64).tolist()
+
+
+def one_step_summary(cfg: Config, params: Params) -> dict:
+    """Learned vs theoretical one-step numbers for a 1-layer linear model (empty otherwise)."""
+    out: dict[str, Any] = {}
+    if cfg.depth != 1 or cfg.attention != "linear":
+        return out
+    gamma = effective_gamma(params, cfg)
+    out["eta_learned"] = float(np.trace(gamma) / cfg.d)
+    optimum = config_optimum(cfg)
+    if optimum is not None:
+        g_star, _ = optimum
+        out["eta_star"] = float(np.trace(g_star) / cfg.d)
+        out["gamma_rel_error"] = relative_error(gamma, g_star)
+    return out

@@ -33,15 +33,8 @@ import numpy as np
 from icl_gd import theory, watchdog
 from icl_gd.config import Config
 from icl_gd.data import Tasks, TaskSpec, covariance_matrix, distribution, prior_covariance, sample_tasks
+from icl_gd.keys import eval_chunks, run_keys, tune_key
 from icl_gd.model import apply
-from icl_gd.train import eval_chunks, run_keys
-
-TUNE_KEY_INDEX = 3  # fold_in(PRNGKey(seed), i): 0-2 are init/train/eval (train.run_keys); 3 tunes baselines
-
-
-def tune_key(seed: int) -> jax.Array:
-    """The key of the tasks baselines are tuned on: disjoint from the init, train and eval streams."""
-    return jax.random.fold_in(jax.random.PRNGKey(seed), TUNE_KEY_INDEX)
 
 
 # ---------------------------------------------------------------------------------------

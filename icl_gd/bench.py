@@ -30,7 +30,9 @@ from icl_gd import loss as loss_lib
 from icl_gd import model
 from icl_gd.config import Config
 from icl_gd.data import Tasks, TaskSpec, distribution, sample_tasks
-from icl_gd.train import init_state, make_optimizer, make_train_chunk, run_keys
+from icl_gd.keys import run_keys
+from icl_gd.optim import make_optimizer
+from icl_gd.train import init_state, make_train_chunk
 
 STEP_FLOOR_GOAL = 1.3  # step / floor
 SCALING_GOAL = 4.5  # t(4n) / t(n) per task, associative attention

@@ -23,8 +23,8 @@ from matplotlib import ticker  # noqa: E402
 from icl_gd import analysis, baselines, theory, watchdog  # noqa: E402
 from icl_gd.config import Config  # noqa: E402
 from icl_gd.data import TaskSpec, covariance_matrix, distribution, prior_covariance, sample_tasks  # noqa: E402
+from icl_gd.keys import eval_chunks, run_keys  # noqa: E402
 from icl_gd.run import Run  # noqa: E402
-from icl_gd.train import eval_chunks, run_keys  # noqa: E402
 
 DISTRIBUTION_FIELDS = ("d", "n", "covariance", "cond", "eigenvalues", "rotate", "rotation_seed", "x_dist", "dof",
                        "weight_prior", "noise", "target", "relu_width", "seed", "eval_tasks")

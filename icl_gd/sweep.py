@@ -47,7 +47,9 @@ from icl_gd import devices
 from icl_gd.checkpoint import Checkpointer, check_same_run, read_config, write_config
 from icl_gd.config import OPERATIONAL_FIELDS, Config, ConfigError
 from icl_gd.data import distribution
+from icl_gd.keys import run_keys
 from icl_gd.locks import RunLock
+from icl_gd.optim import make_optimizer
 from icl_gd.train import (
     Member,
     Programs,
@@ -56,9 +58,7 @@ from icl_gd.train import (
     chunk_loop,
     init_state,
     make_eval,
-    make_optimizer,
     make_train_chunk,
-    run_keys,
 )
 
 # Fields that only change the Distribution arrays or the keys: members differing only in these

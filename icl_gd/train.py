@@ -1,15 +1,14 @@
-"""Training: optax optimiser, fresh tasks every step, many steps per compiled call.
+"""Training: fresh tasks every step, many steps per compiled call, one loop for every caller.
 
-Determinism: with root = PRNGKey(seed), the init key is fold_in(root, 0), the data key of
-step t is fold_in(fold_in(root, 1), t) and held-out chunk j uses fold_in(fold_in(root, 2), j).
-A run resumed from step t therefore sees exactly the tasks the uninterrupted run saw.
+``chunk_loop`` is the only training loop: ``train`` runs it for one run, ``sweep.train_group``
+for a vmapped group of members. The key streams (``icl_gd.keys``) make a resumed run bitwise
+the uninterrupted one; the optimiser comes from ``icl_gd.optim``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import signal
 import threading
@@ -23,15 +22,16 @@ import numpy as np
 import optax
 from absl import logging
 
-from icl_gd import analysis, devices, theory, watchdog
+from icl_gd import devices, theory, watchdog
+from icl_gd.analysis import one_step_summary
 from icl_gd.checkpoint import Checkpointer, check_same_run, write_config
 from icl_gd.config import Config
 from icl_gd.data import Distribution, TaskSpec, distribution, sample_tasks
 from icl_gd.errors import NonFiniteLossError, Preempted  # noqa: F401 - re-exported
+from icl_gd.keys import eval_chunks, run_keys
 from icl_gd.loss import task_loss
 from icl_gd.model import Params, init_params
-
-EVAL_CHUNK = 4096  # tasks per held-out chunk; bounds eval memory at large n
+from icl_gd.optim import make_optimizer
 
 
 class TrainState(NamedTuple):
@@ -70,32 +70,6 @@ class TrainResult:
     summary: dict
 
 
-def run_keys(seed: int) -> dict[str, jax.Array]:
-    root = jax.random.PRNGKey(seed)
-    return {name: jax.random.fold_in(root, i) for i, name in enumerate(("init", "train", "eval"))}
-
-
-def make_schedule(cfg: Config) -> optax.Schedule:
-    if cfg.schedule == "constant":
-        return optax.constant_schedule(cfg.lr)
-    if cfg.schedule == "cosine":
-        return optax.cosine_decay_schedule(cfg.lr, cfg.steps)
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.steps)
-
-
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    sched = make_schedule(cfg)
-    if cfg.optimizer == "adam":
-        opt = optax.adam(sched)
-    elif cfg.optimizer == "adamw":
-        opt = optax.adamw(sched, weight_decay=cfg.weight_decay)
-    else:
-        opt = optax.sgd(sched)
-    if cfg.clip_norm > 0:
-        opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-    return opt
-
-
 def init_state(cfg: Config, optimizer: optax.GradientTransformation | None = None) -> TrainState:
     optimizer = optimizer or make_optimizer(cfg)
     params = init_params(run_keys(cfg.seed)["init"], cfg)
@@ -121,12 +95,6 @@ def make_train_chunk(cfg: Config, optimizer: optax.GradientTransformation) -> Ca
     return chunk
 
 
-def eval_chunks(cfg: Config) -> tuple[int, int]:
-    """(number of chunks, tasks per chunk) of the held-out set (eval_tasks rounded up)."""
-    size = min(cfg.eval_tasks, EVAL_CHUNK)
-    return math.ceil(cfg.eval_tasks / size), size
-
-
 def make_eval(cfg: Config) -> Callable:
     """eval_fn(params, dist, eval_key) -> mean squared query error on the fixed held-out set.
 
@@ -144,21 +112,6 @@ def make_eval(cfg: Config) -> Callable:
         return jnp.mean(jax.lax.map(one, jnp.arange(num)))
 
     return eval_fn
-
-
-def one_step_summary(cfg: Config, params: Params) -> dict:
-    """Learned vs theoretical one-step numbers for a 1-layer linear model (empty otherwise)."""
-    out: dict[str, Any] = {}
-    if cfg.depth != 1 or cfg.attention != "linear":
-        return out
-    gamma = analysis.effective_gamma(params, cfg)
-    out["eta_learned"] = float(np.trace(gamma) / cfg.d)
-    optimum = theory.config_optimum(cfg)
-    if optimum is not None:
-        g_star, _ = optimum
-        out["eta_star"] = float(np.trace(g_star) / cfg.d)
-        out["gamma_rel_error"] = analysis.relative_error(gamma, g_star)
-    return out
 
 
 @functools.lru_cache(maxsize=8)
