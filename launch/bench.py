@@ -26,7 +26,7 @@ FLAGS = flags.FLAGS
 
 
 def settings_from_flags():
-    from icl_gd.bench import Settings  # JAX loads only after flags parsed
+    from benchmarks.suite import Settings  # JAX loads only after flags parsed
 
     s = Settings.quick() if FLAGS.quick else Settings()
     over = {}
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     s = settings_from_flags()
-    from icl_gd import bench
+    from benchmarks import suite as bench
 
     res = bench.run_suite(s, FLAGS.sweep_vmap_json, log=logging.info)
     bench.write(res, FLAGS.out_json, FLAGS.out_md)

@@ -2,7 +2,7 @@
 
 import json
 
-from icl_gd import bench
+from benchmarks import suite as bench
 
 TINY = bench.Settings(d=2, n=4, batch_size=8, depths=(1,), parameterizations=("full",), steps=2, repeats=1,
                       scaling_ns=(4, 8), scaling_tokens=32, scaling_steps=1, scaling_repeats=1)
