@@ -1,0 +1,54 @@
+"""The papers' claims as runnable experiments, each judged PASS/FAIL against the theory.
+
+Every experiment trains what it needs through the sweep machinery (``icl_gd.sweep.run_sweep``:
+one vmapped program per shape group, resumable, finished members skipped), analyses each
+checkpoint with ``icl_gd.report.analyze_run`` (held-out loss, Gamma_eff, Gamma*, baselines) and
+turns the numbers into ``Check``s with stated tolerances. ``beyond_*`` experiments go past the
+papers (their open questions): they report numbers and figures but claim nothing.
+
+One module per paper (``mahankali``, ``ahn``, ``beyond``), each ending in its ``EXPERIMENTS``;
+``base`` holds the shared machinery; this module is the registry and ``run_experiment``.
+
+Sizes: ``quick`` (a few minutes on a 2-core CPU: d=3, n=10) and the paper scale (d=5, n=20,
+longer training; meant for a GPU). ``steps`` overrides the training length (CI smoke tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+from absl import logging
+
+import icl_gd
+from icl_gd import report, sweep
+from icl_gd.experiments import ahn, beyond, mahankali
+from icl_gd.experiments.base import Experiment, Outcome, Size
+
+__all__ = ["EXPERIMENTS", "Experiment", "Outcome", "Size", "run_experiment"]
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (*mahankali.EXPERIMENTS, *ahn.EXPERIMENTS,
+                                                             *beyond.EXPERIMENTS)}
+
+
+def run_experiment(name: str, root: str, size: Size, log: Callable[[str], None] = logging.info) -> Outcome:
+    """Train (or reuse) the experiment's runs under ``root/name``, analyse, judge and plot."""
+    exp = EXPERIMENTS[name]
+    folder = os.path.join(root, name)
+    members = exp.members(size)
+    if size.steps:  # smoke-test size: two members exercise every code path (plots, depth checks)
+        members = members[:2]
+    sweep.run_sweep(members, folder, log=log)
+    summaries = []
+    for cfg in members:
+        run = icl_gd.load(os.path.join(folder, sweep.member_name(cfg)))
+        max_steps = max(cfg.depth for cfg in members)
+        summaries.append(report.analyze_run(run, max_steps=max_steps, **size.analysis_kwargs))
+    checks, numbers = exp.judge(summaries, size)
+    figure = os.path.join(folder, f"{name}.png")
+    exp.plot(summaries, figure)
+    outcome = Outcome(name, exp.claim, checks, numbers, figure, exp.reported_only)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(outcome.to_dict(), f, indent=2, default=float)
+    return outcome
