@@ -106,7 +106,8 @@ def parse_also(spec: str) -> dict[str, list[str]]:
 
 def grid():
     """(all members, this invocation's slice) from the flags; everything validated here."""
-    from icl_gd import cluster, sweep
+    from icl_gd import sweep
+    from icl_gd.sweep import cluster
 
     base = config_from_flags()
     grids = [parse_axes()] + [parse_axes(parse_also(spec)) for spec in FLAGS.also]
@@ -143,7 +144,7 @@ def grid_args() -> list[str]:
 
 
 def emit_slurm(members_count: int) -> None:
-    from icl_gd import cluster
+    from icl_gd.sweep import cluster
 
     spec = cluster.SlurmSpec(partition=FLAGS.slurm_partition, gpus=FLAGS.slurm_gpus, cpus_per_task=FLAGS.slurm_cpus,
                              time=FLAGS.slurm_time, mem=FLAGS.slurm_mem, nodes=FLAGS.slurm_nodes)
@@ -178,7 +179,7 @@ def main(argv: list[str]) -> None:
                 print(os.path.join(FLAGS.workdir, sweep.member_name(cfg)))
             return
         if FLAGS.distributed:
-            from icl_gd import cluster
+            from icl_gd.sweep import cluster
 
             cluster.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         import jax
@@ -199,7 +200,7 @@ def main(argv: list[str]) -> None:
                 sys.exit(EXIT_RUN_FAILED)
         whole = len(mine) == len(members)
         if FLAGS.only_aggregate or (FLAGS.aggregate and whole):
-            from icl_gd import aggregate
+            from icl_gd.sweep import aggregate
 
             # Every process reads (orbax synchronises reads across processes); process 0 writes.
             lead = jax.process_index() == 0

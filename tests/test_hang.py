@@ -16,8 +16,9 @@ import textwrap
 import launchers
 import pytest
 
-from icl_gd import aggregate, report, watchdog
+from icl_gd import report, watchdog
 from icl_gd.config import Config
+from icl_gd.sweep import aggregate
 
 TRAIN = ["--noise=0.5", "--steps=100", "--log_every=50", "--checkpoint_every=100", "--batch_size=256"]
 

@@ -6,11 +6,11 @@ import subprocess
 import sys
 import time
 
-from icl_gd.locks import RunLock
+from icl_gd.sweep.locks import RunLock
 
 HOLD = """
 import sys, time
-from icl_gd.locks import RunLock
+from icl_gd.sweep.locks import RunLock
 lock = RunLock(sys.argv[1])
 print("got" if lock.acquire() else "busy", flush=True)
 time.sleep(60)

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import icl_gd
-from icl_gd import aggregate, cluster, sweep
+from icl_gd import sweep
 from icl_gd.config import Config, ConfigError
+from icl_gd.sweep import aggregate, cluster
 from icl_gd.train import Preempted, train
 
 TINY = dict(d=2, n=6, batch_size=16, steps=30, log_every=15, checkpoint_every=15, eval_tasks=64, lr=0.02)

@@ -37,7 +37,7 @@ from icl_gd.baselines import evaluate as evaluate_baselines
 from icl_gd.checkpoint import Checkpointer
 from icl_gd.config import Config
 from icl_gd.data import covariance_matrix, prior_covariance
-from icl_gd.sweep import covariance_label, member_name
+from icl_gd.sweep.grid import covariance_label, member_name
 
 CSV_NAME = "sweep_results.csv"
 ROW_NAME = "aggregate_row.json"
