@@ -15,6 +15,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from absl import logging
 
+from icl_gd import watchdog
 from icl_gd.config import Config, ConfigMismatchError
 
 __all__ = ["Checkpointer", "ConfigMismatchError", "check_same_run", "read_config", "write_config"]
@@ -46,15 +47,16 @@ class Checkpointer:
         return list(self._mgr.all_steps())
 
     def save(self, step: int, state: Any, config: Config, metrics: list[dict]) -> None:
-        self._mgr.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                config=ocp.args.JsonSave(config.to_dict()),
-                metrics=ocp.args.JsonSave({"history": metrics}),
-            ),
-        )
-        self._mgr.wait_until_finished()
+        with watchdog.stage(f"saving the step-{step} checkpoint of {self.workdir}"):
+            self._mgr.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    config=ocp.args.JsonSave(config.to_dict()),
+                    metrics=ocp.args.JsonSave({"history": metrics}),
+                ),
+            )
+            self._mgr.wait_until_finished()
 
     def restore_config(self, step: int | None = None) -> Config:
         step = self.latest_step() if step is None else step
@@ -68,13 +70,14 @@ class Checkpointer:
         written one is moved aside to ``WORKDIR/corrupt/<step>`` (kept, not deleted) with a
         warning, and the previous one is tried.
         """
-        if step is not None:
-            return self._restore(template, step)
-        for candidate in sorted(self.all_steps(), reverse=True):
-            try:
-                return self._restore(template, candidate)
-            except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
-                self._quarantine(candidate, e)
+        with watchdog.stage(f"restoring a checkpoint of {self.workdir}"):
+            if step is not None:
+                return self._restore(template, step)
+            for candidate in sorted(self.all_steps(), reverse=True):
+                try:
+                    return self._restore(template, candidate)
+                except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+                    self._quarantine(candidate, e)
         raise FileNotFoundError(f"no readable checkpoint under {self.workdir}/checkpoints")
 
     def _quarantine(self, step: int, error: Exception) -> None:

@@ -220,9 +220,7 @@ def chunk_loop(members: list[Member], state: Any, dists: Any, train_keys: Any, e
                 record["loss_star"] = optima[i][1]
             m.history.append(record)
             if save and m.ckpt is not None:
-                with watchdog.stage(f"saving the step-{step} checkpoint of {m.workdir}"):
-                    m.ckpt.save(step, devices.unstack(host_state, i) if programs.stacked else host_state,
-                                m.cfg, m.history)
+                m.ckpt.save(step, devices.unstack(host_state, i) if programs.stacked else host_state, m.cfg, m.history)
                 m.final_step = step
         devices.barrier(f"train-step-{step}")
         log(_progress_line(members, losses, eval_loss, optima, step, length, dt, programs.stacked))
