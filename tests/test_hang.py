@@ -18,6 +18,7 @@ import pytest
 
 from icl_gd import report, watchdog
 from icl_gd.config import Config
+from icl_gd.report import writer as report_writer
 from icl_gd.sweep import aggregate
 
 TRAIN = ["--noise=0.5", "--steps=100", "--log_every=50", "--checkpoint_every=100", "--batch_size=256"]
@@ -107,7 +108,7 @@ def test_run_report_reuses_its_summary_only_for_the_same_checkpoint_and_settings
     run = icl_gd.load(noisy_run)
     calls = []
     real = report.analyze_run
-    monkeypatch.setattr(report, "analyze_run", lambda r, **kw: calls.append(kw) or real(r, **kw))
+    monkeypatch.setattr(report_writer, "analyze_run", lambda r, **kw: calls.append(kw) or real(r, **kw))
     kwargs = {"num_tune_tasks": 64, "mc_tasks": 256}
     first = report.write_run_report(run, str(tmp_path), **kwargs)
     second = report.write_run_report(run, str(tmp_path), **kwargs)

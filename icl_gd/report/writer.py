@@ -1,0 +1,167 @@
+"""report.md and summary.json of one run or a folder of runs; a re-run reuses stored summaries."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from icl_gd import watchdog
+from icl_gd.report.figures import plot_depth, plot_gamma, plot_training, plot_weights
+from icl_gd.report.numbers import DISTRIBUTION_FIELDS, analyze_run
+from icl_gd.run import Run
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def markdown(summary: dict, figures: dict[str, str], title: str) -> str:
+    """A GitHub-readable report of one run; figure paths are relative to the report."""
+    c = summary["config"]
+    lines = [f"# {title}", "",
+             f"`{summary['workdir']}` at step {summary['step']}: d={c['d']}, n={c['n']}, covariance={c['covariance']}"
+             f" (cond {c['cond']}), prior={c['weight_prior']}, noise sigma={c['noise']}, x={c['x_dist']}, "
+             f"target={c['target']}; depth={c['depth']}, {c['parameterization']} {c['attention']} attention.", "",
+             "## Learned vs theory", "", "| quantity | learned | theory |", "|---|---|---|",
+             f"| held-out loss | {summary['loss']:.4f} ± {summary['loss_stderr']:.4f} | L* = {summary['loss_star']:.4f}"
+             f" ({summary['loss_star_source'].replace('_', ' ')}; {summary['loss_star_heldout']:.4f} on the same"
+             " tasks) |",
+             f"| loss / L* - 1 | {summary['loss_over_loss_star']:+.2%} | 0 for a 1-layer optimum |"]
+    depth = c["depth"]
+    for name in (f"gd_{depth}", f"pgd_{depth}"):
+        if depth > 1 and name in summary["baselines"]:
+            ref = summary["baselines"][name]["loss"]
+            lines.append(f"| loss / {name} loss - 1 ({depth} tuned GD steps) | {summary['loss'] / ref - 1:+.2%} | "
+                         f"{name} = {ref:.4f} |")
+    if summary["gamma_learned"] is not None:
+        lines += [
+            f"| rel. error ‖Γ_eff − Γ*‖_F/‖Γ*‖_F | {summary['rel_error']:.2%} | 0 |",
+            f"| best scalar η = tr(Γ)/d | {summary['eta_learned']:.4f} | {summary['eta_star']:.4f} |",
+            f"| residual of scalar fit | {summary['scalar_fit_residual']:.3f} | "
+            f"{summary['scalar_fit_residual_star']:.3f} |",
+            f"| Ahn et al. dist(Σ^½ΓΣ^½, I) | {summary['ahn_distance']:.3f} | {summary['ahn_distance_star']:.3f} |",
+            f"| share of output not from the GD term | {summary['non_gd_output_fraction']:.2%} | 0 |",
+        ]
+        if "exact_loss_of_gamma_learned" in summary:
+            lines.append(f"| exact population loss of Γ_eff | {summary['exact_loss_of_gamma_learned']:.4f} | "
+                         f"{summary['loss_star']:.4f} |")
+    for name, cos in summary["sensitivity_cosine"].items():
+        lines.append(f"| cos(∂ŷ/∂x_q, {name}) mean / 5th pct | {cos['mean']:.4f} / {cos['p05']:.4f} | 1 |")
+    if summary["gamma_learned"] is not None:
+        t = summary["non_gd_terms"]
+        lines += ["", "Terms the GD form says must vanish (Frobenius norms; ‖Γ_eff‖ = "
+                  f"{t['gamma']:.3g} for scale): " + ", ".join(f"{k} = {v:.3g}" for k, v in t.items() if k != "gamma")
+                  + "."]
+    if "layers" in summary:
+        lay = summary["layers"]
+        lines += ["", f"Per-layer preconditioners ({'exact' if lay['exact'] else 'sparse blocks of a full model'}),"
+                  f" output scale c = {lay['output_scale']:.3f}:", "", "| layer | η = tr(Γ_l)/d | scalar residual |"
+                  " Ahn dist | off-GD weight norms |", "|---|---|---|---|---|"]
+        offs = lay["off_sparse_norms"] * (len(lay["scalar_fits"]) if len(lay["off_sparse_norms"]) == 1 else 1)
+        for i, (fit, dist, off) in enumerate(zip(lay["scalar_fits"], lay["ahn_distances"], offs)):
+            lines.append(f"| {i} | {fit['eta']:.4f} | {fit['residual']:.3f} | {dist:.3f} | "
+                         + ", ".join(f"{k} {v:.2g}" for k, v in off.items()) + " |")
+    lines += ["", "## Baselines (same held-out tasks)", "", "| predictor | loss | ± s.e. | notes |",
+              "|---|---|---|---|",
+              f"| **trained model** | {summary['loss']:.4f} | {summary['loss_stderr']:.4f} | |"]
+    for name, b in summary["baselines"].items():
+        note = b["description"]
+        if "step_sizes" in b:
+            note += ": η = " + ", ".join(f"{e:.3f}" for e in b["step_sizes"])
+        lines.append(f"| {name} | {b['loss']:.4f} | {b['stderr']:.4f} | {note} |")
+    lines += ["", "## Figures", ""]
+    captions = {"training": "Training curve", "gamma": "Effective preconditioner vs theory",
+                "weights": "Learned W_K^T W_Q and W_V^T h"}
+    for key, rel in figures.items():
+        lines += [f"**{captions.get(key, key)}**", "", f"![{captions.get(key, key)}]({rel})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _cached_summary(path: str, run: Run, settings: dict) -> dict | None:
+    """The summary.json already in ``path`` when it is of this checkpoint and these settings."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = (old.get("step") == run.step and old.get("config") == run.config.to_dict()
+            and old.get("analysis_settings") == settings)
+    return old if same else None
+
+
+def write_run_report(run: Run, out_dir: str, title: str | None = None, **kwargs) -> dict:
+    """analyze_run + figures + summary.json + report.md into ``out_dir``; returns the summary.
+
+    summary.json is written before the figures; a re-run on the same checkpoint with the same
+    settings reuses it (after a hang or a crash in the figures, or for a folder of runs where
+    earlier runs finished), so only the missing stages are computed again.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    settings = {k: v for k, v in sorted(kwargs.items())}
+    summary_path = os.path.join(out_dir, "summary.json")
+    summary = _cached_summary(summary_path, run, settings)
+    if summary is None:
+        summary = analyze_run(run, **kwargs)
+        summary["analysis_settings"] = settings
+        _write_json(summary, summary_path)
+    figures = {}
+    with watchdog.stage(f"figures of {out_dir}"):
+        if summary["history"]:
+            plot_training(summary, os.path.join(out_dir, "training.png"))
+            figures["training"] = "training.png"
+        if summary["gamma_learned"] is not None or "layers" in summary:
+            plot_gamma(summary, os.path.join(out_dir, "gamma.png"))
+            figures["gamma"] = "gamma.png"
+        if run.config.attention == "linear":
+            plot_weights(run, os.path.join(out_dir, "weights.png"))
+            figures["weights"] = "weights.png"
+    summary["figures"] = figures
+    _write_json(summary, summary_path)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(markdown(summary, figures, title or f"Trained vs theory: {os.path.basename(run.workdir.rstrip('/'))}"))
+    return summary
+
+
+def _write_json(obj: dict, path: str) -> None:
+    """Write atomically (temp file + rename): a killed process never leaves a half-written summary."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_folder_report(runs: dict[str, Run], out_dir: str, **kwargs) -> dict:
+    """One report per run under ``out_dir/<name>/``, plus a summary of all runs and the depth figure.
+
+    Runs sharing a task distribution get baselines up to their largest depth, so their k-step
+    GD curves line up.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    depth_of: dict[str, int] = {}
+    for r in runs.values():
+        key = json.dumps({f: r.config.to_dict()[f] for f in DISTRIBUTION_FIELDS}, sort_keys=True)
+        depth_of[key] = max(depth_of.get(key, 3), r.config.depth)
+    summaries = {}
+    for name, r in runs.items():
+        key = json.dumps({f: r.config.to_dict()[f] for f in DISTRIBUTION_FIELDS}, sort_keys=True)
+        summaries[name] = write_run_report(r, os.path.join(out_dir, name), title=f"Trained vs theory: {name}",
+                                           max_steps=depth_of[key], **kwargs)
+    has_depth = plot_depth(summaries, os.path.join(out_dir, "depth.png"))
+    keys = ("loss", "loss_stderr", "loss_star", "loss_over_loss_star", "rel_error", "eta_learned", "eta_star")
+    table = {name: {k: s.get(k) for k in keys} | {"depth": s["config"]["depth"]} for name, s in summaries.items()}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump({"runs": summaries, "table": table}, f, indent=2)
+    lines = ["# Trained vs theory: all runs", "", "| run | depth | loss | L* | loss/L*−1 | rel. error Γ | η learned |"
+             " η* |", "|---|---|---|---|---|---|---|---|"]
+    for name, t in table.items():
+        lines.append(f"| [{name}]({name}/report.md) | {t['depth']} | {t['loss']:.4f} | {t['loss_star']:.4f} | "
+                     f"{t['loss_over_loss_star']:+.2%} | "
+                     + (f"{t['rel_error']:.2%}" if t["rel_error"] is not None else "–")
+                     + f" | {_fmt(t['eta_learned'])} | {_fmt(t['eta_star'])} |")
+    if has_depth:
+        lines += ["", "**Loss against depth, next to k-step GD and preconditioned GD**", "",
+                  "![Loss against depth](depth.png)"]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return {"runs": summaries, "table": table}
