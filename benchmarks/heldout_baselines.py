@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from icl_gd import baselines, watchdog
+from icl_gd import watchdog
 from icl_gd.config import Config
 from icl_gd.data import Tasks, distribution
+from icl_gd.theory import baselines
 
 flags.DEFINE_integer("repeats", 5, "Timed calls per layout (median reported).")
 flags.DEFINE_integer("max_steps", 3, "Largest k of the GD/PGD baselines in the predictor stack.")

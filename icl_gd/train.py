@@ -23,7 +23,6 @@ import optax
 from absl import logging
 
 from icl_gd import devices, theory, watchdog
-from icl_gd.analysis import one_step_summary
 from icl_gd.checkpoint import Checkpointer, check_same_run, write_config
 from icl_gd.config import Config
 from icl_gd.data import Distribution, TaskSpec, distribution, sample_tasks
@@ -32,6 +31,7 @@ from icl_gd.keys import eval_chunks, run_keys
 from icl_gd.loss import task_loss
 from icl_gd.model import Params, init_params
 from icl_gd.optim import make_optimizer
+from icl_gd.theory.probes import one_step_summary
 
 
 class TrainState(NamedTuple):

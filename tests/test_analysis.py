@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_gd import analysis, theory
+from icl_gd import theory
 from icl_gd.config import Config
 from icl_gd.data import Tasks, covariance_matrix
 from icl_gd.model import apply, gd_params, init_params
+from icl_gd.theory import probes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D = 3
@@ -40,10 +41,10 @@ def test_one_layer_gamma_recovered_exactly(parameterization, heads):
     cfg = Config(d=D, n=6, parameterization=parameterization, heads=heads)
     g = _gamma(0)
     params = gd_params(cfg, g)
-    np.testing.assert_allclose(analysis.effective_gamma(params, cfg), g, atol=1e-6)
-    terms = analysis.one_layer_terms(params, cfg)
+    np.testing.assert_allclose(probes.effective_gamma(params, cfg), g, atol=1e-6)
+    terms = probes.one_layer_terms(params, cfg)
     assert all(v == 0.0 for k, v in terms.items() if k != "gamma")
-    gammas, c = analysis.layer_preconditioners(params, cfg)
+    gammas, c = probes.layer_preconditioners(params, cfg)
     np.testing.assert_allclose(c * gammas[0], g, atol=1e-6)
 
 
@@ -52,7 +53,7 @@ def test_sparse_multilayer_preconditioners_recovered_exactly(tie):
     cfg = Config(d=D, n=6, depth=3, parameterization="sparse", tie_weights=tie)
     gs = [_gamma(1)] * 3 if tie else [_gamma(1), 0.5 * np.eye(D), _gamma(2)]
     params = gd_params(cfg, gs)
-    gammas, c = analysis.layer_preconditioners(params, cfg)
+    gammas, c = probes.layer_preconditioners(params, cfg)
     np.testing.assert_allclose(gammas, np.stack(gs), atol=1e-6)
     assert c == pytest.approx(1.0)
     tasks = _tasks(cfg)
@@ -65,7 +66,7 @@ def test_any_sparse_model_is_scaled_preconditioned_gd():
     yhat = c x_q^T w_L exactly, with Gamma_l = -sum_h p_lh A_lh^T and c = -h_y."""
     cfg = Config(d=D, n=6, depth=3, heads=2, parameterization="sparse", init_scale=0.5)
     params = init_params(jax.random.PRNGKey(3), cfg)
-    gammas, c = analysis.layer_preconditioners(params, cfg)
+    gammas, c = probes.layer_preconditioners(params, cfg)
     tasks = _tasks(cfg)
     model = np.asarray(apply(params, tasks.x, tasks.y, tasks.x_query, cfg))
     ours = c * np.asarray(theory.pgd_predict(tasks, jnp.asarray(gammas, jnp.float32)))
@@ -79,38 +80,38 @@ def test_one_layer_decomposition(heads):
     cfg = Config(d=D, n=6, heads=heads, init_scale=0.5)
     params = init_params(jax.random.PRNGKey(4), cfg)
     tasks = _tasks(cfg)
-    b, wv, h = analysis.layer_blocks(params, cfg)
+    b, wv, h = probes.layer_blocks(params, cfg)
     u = np.einsum("hrc,r->hc", wv, h)
     x, y, xq = (np.asarray(a, np.float64) for a in (tasks.x, tasks.y, tasks.x_query))
     g, cov, yy = np.einsum("bnd,bn->bd", x, y) / 6, np.einsum("bnd,bne->bde", x, x) / 6, (y**2).mean(1)
-    vec = g @ analysis.effective_gamma(params, cfg).T + h[:D]
+    vec = g @ probes.effective_gamma(params, cfg).T + h[:D]
     for bh, uh in zip(b, u):
         vec = vec + np.einsum("ij,bik,k->bj", bh[:D, :D], cov, uh[:D]) + uh[D] * yy[:, None] * bh[D, :D]
     np.testing.assert_allclose(apply(params, tasks.x, tasks.y, tasks.x_query, cfg), np.einsum("bd,bd->b", xq, vec),
                                rtol=1e-4, atol=1e-4)
-    terms = analysis.one_layer_terms(params, cfg)
+    terms = probes.one_layer_terms(params, cfg)
     assert terms["h_x"] > 0 and terms["u_x"] > 0 and terms["B_yx"] > 0
     # Gamma_eff holds every term linear in g, the rank-one B_yx^T u_x^T included.
     gamma_ref = sum(uh[D] * bh[:D, :D].T + np.outer(bh[D, :D], uh[:D]) for bh, uh in zip(b, u))
-    np.testing.assert_allclose(analysis.effective_gamma(params, cfg), gamma_ref, rtol=1e-12)
+    np.testing.assert_allclose(probes.effective_gamma(params, cfg), gamma_ref, rtol=1e-12)
 
 
 def test_metrics():
     cfg = Config(d=D, covariance="cond", cond=5.0)
     sigma = covariance_matrix(cfg)
-    assert analysis.ahn_distance(0.7 * np.linalg.inv(sigma), sigma) < 1e-6
-    assert analysis.ahn_distance(np.eye(D), sigma) > 0.1
-    assert analysis.scalar_fit(0.3 * np.eye(D)) == pytest.approx((0.3, 0.0))
-    c, res = analysis.shape_fit(2.0 * sigma + 0.01 * np.eye(D), sigma)
+    assert probes.ahn_distance(0.7 * np.linalg.inv(sigma), sigma) < 1e-6
+    assert probes.ahn_distance(np.eye(D), sigma) > 0.1
+    assert probes.scalar_fit(0.3 * np.eye(D)) == pytest.approx((0.3, 0.0))
+    c, res = probes.shape_fit(2.0 * sigma + 0.01 * np.eye(D), sigma)
     assert c == pytest.approx(2.0, rel=0.02) and 0 < res < 0.01
     # sensitivities of a GD-built model are Gamma g; the cosine against the same predictor is 1
     cfg1 = Config(d=D, n=6)
     g = _gamma(5)
     params, tasks = gd_params(cfg1, g), _tasks(cfg1)
     model = lambda t, p: apply(p, t.x, t.y, t.x_query, cfg1)  # noqa: E731
-    sens = analysis.sensitivities(model, (params,), tasks)
+    sens = probes.sensitivities(model, (params,), tasks)
     np.testing.assert_allclose(sens, np.asarray(theory.context_mean(tasks)) @ g.T, rtol=1e-4, atol=1e-5)
-    cos = analysis.sensitivity_cosines(model, (params,), {
+    cos = probes.sensitivity_cosines(model, (params,), {
         "same": (theory.one_step_predict, (jnp.asarray(g, jnp.float32),)),
         "scalar": (theory.one_step_predict, (jnp.eye(D),))}, tasks)
     assert cos["same"]["mean"] == pytest.approx(1.0, abs=1e-5) and cos["scalar"]["mean"] < 0.999
@@ -135,11 +136,11 @@ def trained_run(tmp_path_factory):
 def test_trained_anisotropic_run_learns_gamma_star(trained_run):
     _, result = trained_run
     g_star, _ = theory.config_optimum(TRAINED)
-    gamma = analysis.effective_gamma(result.state.params, TRAINED)
-    assert analysis.relative_error(gamma, g_star) < 0.05
+    gamma = probes.effective_gamma(result.state.params, TRAINED)
+    assert probes.relative_error(gamma, g_star) < 0.05
     # Gamma* = eta* Sigma^-1 here, far from a scalar: the model learned the preconditioning
-    assert analysis.scalar_fit(gamma)[1] > 0.3
-    assert analysis.ahn_distance(gamma, covariance_matrix(TRAINED)) < 0.05
+    assert probes.scalar_fit(gamma)[1] > 0.3
+    assert probes.ahn_distance(gamma, covariance_matrix(TRAINED)) < 0.05
 
 
 def _analyze(*args: str) -> subprocess.CompletedProcess:

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_gd import baselines, theory
+from icl_gd import theory
 from icl_gd.config import Config
 from icl_gd.data import Tasks, covariance_matrix, distribution, prior_covariance
 from icl_gd.keys import run_keys
 from icl_gd.model import gd_params
+from icl_gd.theory import baselines
 from icl_gd.train import make_eval
 
 Z = 5.0

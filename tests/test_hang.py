@@ -32,7 +32,7 @@ def _python(code: str, timeout: int) -> subprocess.CompletedProcess:
 def test_noisy_baselines_at_the_default_eval_size_finish_every_time():
     # The original reproducer: hung on the first or second call at eval_tasks=65536.
     out = _python("""
-        from icl_gd import baselines
+        from icl_gd.theory import baselines
         from icl_gd.config import Config
         for noise, k in ((0.5, 1), (1.0, 2), (0.5, 3)):
             cfg = Config(noise=noise).validate()

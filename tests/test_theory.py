@@ -10,6 +10,7 @@ import pytest
 from icl_gd import theory
 from icl_gd.config import Config
 from icl_gd.data import Tasks, TaskSpec, covariance_matrix, distribution, prior_covariance
+from icl_gd.theory import optima
 
 Z = 5.0  # allowed |MC - exact| in standard errors (fixed keys: deterministic, and a miss at 5 s.e. is ~1e-6)
 MC_TASKS, MC_BATCHES = 2**17, 16
@@ -61,7 +62,7 @@ def test_jax_sampler_moments_match_closed_form():
     E[phi phi^T] = Sigma (x) S and E[phi y_q] = vec(Sigma Omega Sigma) for phi = vec(x_q g^T)."""
     for cfg in CASES[:2]:  # one compile: same (d, n)
         sigma, omega, n, noise = _exact(cfg)
-        a, c, _ = (np.asarray(v, np.float64) for v in theory._normal_equation_sums(
+        a, c, _ = (np.asarray(v, np.float64) for v in optima._normal_equation_sums(
             jax.random.PRNGKey(11), distribution(cfg), TaskSpec.from_config(cfg), MC_BATCHES, MC_TASKS // MC_BATCHES))
         for sums, exact in ((a, np.kron(sigma, theory.second_moment(sigma, omega, n, noise))),
                             (c, (sigma @ omega @ sigma).reshape(-1))):

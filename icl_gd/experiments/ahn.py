@@ -8,11 +8,12 @@ import matplotlib
 matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 
-from icl_gd import analysis, report, theory  # noqa: E402
+from icl_gd import report, theory  # noqa: E402
 from icl_gd.checks import Check  # noqa: E402
 from icl_gd.config import Config  # noqa: E402
 from icl_gd.data import covariance_matrix  # noqa: E402
 from icl_gd.experiments.base import Experiment, Size, gamma_panels, loss_check, summary_row
+from icl_gd.theory import probes  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def _layer_steps(s: dict) -> list[float]:
     comparable with the tuned steps, not their order."""
     gammas = s["layers"]["preconditioners"] if "layers" in s else [s["gamma_learned"]]
     precond = theory.oracle_preconditioner(Config(**s["config"]))
-    return sorted(analysis.shape_fit(np.asarray(g), precond)[0] for g in gammas)
+    return sorted(probes.shape_fit(np.asarray(g), precond)[0] for g in gammas)
 
 
 def _multi_plot(summaries: list[dict], path: str) -> None:

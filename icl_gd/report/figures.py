@@ -11,9 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from icl_gd import analysis  # noqa: E402
 from icl_gd.report.numbers import DISTRIBUTION_FIELDS  # noqa: E402
 from icl_gd.run import Run  # noqa: E402
+from icl_gd.theory import probes  # noqa: E402
 
 
 def _log_y(ax) -> None:
@@ -52,7 +52,7 @@ def plot_weights(run: Run, path: str, max_rows: int = 6) -> None:
     cfg = run.config
     rows = []
     for layer in range(len(run.params["layers"])):
-        b, wv, h = analysis.layer_blocks(run.params, cfg, layer)
+        b, wv, h = probes.layer_blocks(run.params, cfg, layer)
         u = np.einsum("hrc,r->hc", wv, h)
         rows += [(layer, head, b[head], u[head]) for head in range(len(b))]
     rows = rows[:max_rows]

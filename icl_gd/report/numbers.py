@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icl_gd import analysis, baselines, theory, watchdog
+from icl_gd import theory, watchdog
 from icl_gd.config import Config
 from icl_gd.data import TaskSpec, covariance_matrix, distribution, prior_covariance, sample_tasks
 from icl_gd.keys import eval_chunks, run_keys
 from icl_gd.run import Run
+from icl_gd.theory import baselines, probes
 
 DISTRIBUTION_FIELDS = ("d", "n", "covariance", "cond", "eigenvalues", "rotate", "rotation_seed", "x_dist", "dof",
                        "weight_prior", "noise", "target", "relu_width", "seed", "eval_tasks")
@@ -61,40 +62,40 @@ def analyze_run(run: Run, max_steps: int | None = None, num_tune_tasks: int = 2*
         "loss_star_source": opt["source"],
         "loss_over_loss_star": model["loss"] / loss_star - 1.0,
         "loss_star_heldout": res["one_layer_opt"]["loss"],
-        "gamma_star": analysis.to_list(g_star),
-        "gamma_star_stderr": None if opt["gamma_star_stderr"] is None else analysis.to_list(opt["gamma_star_stderr"]),
+        "gamma_star": probes.to_list(g_star),
+        "gamma_star_stderr": None if opt["gamma_star_stderr"] is None else probes.to_list(opt["gamma_star_stderr"]),
         "eta_star": float(np.trace(g_star) / cfg.d),
-        "ahn_distance_star": analysis.ahn_distance(g_star, sigma),
+        "ahn_distance_star": probes.ahn_distance(g_star, sigma),
         "gamma_learned": None,
         "rel_error": None,
         "baselines": res,
         "history": run.metrics,
     }
     if linear and cfg.depth == 1:
-        gamma = analysis.effective_gamma(params, cfg)
-        eta, scalar_res = analysis.scalar_fit(gamma)
-        c_inv, inv_res = analysis.shape_fit(gamma, np.linalg.inv(sigma))
+        gamma = probes.effective_gamma(params, cfg)
+        eta, scalar_res = probes.scalar_fit(gamma)
+        c_inv, inv_res = probes.shape_fit(gamma, np.linalg.inv(sigma))
         out.update({
-            "gamma_learned": analysis.to_list(gamma),
-            "rel_error": analysis.relative_error(gamma, g_star),
+            "gamma_learned": probes.to_list(gamma),
+            "rel_error": probes.relative_error(gamma, g_star),
             "eta_learned": eta,
             "scalar_fit_residual": scalar_res,
-            "scalar_fit_residual_star": analysis.scalar_fit(g_star)[1],
+            "scalar_fit_residual_star": probes.scalar_fit(g_star)[1],
             "sigma_inv_fit": {"scale": c_inv, "residual": inv_res},
-            "ahn_distance": analysis.ahn_distance(gamma, sigma),
-            "non_gd_terms": analysis.one_layer_terms(params, cfg),
+            "ahn_distance": probes.ahn_distance(gamma, sigma),
+            "non_gd_terms": probes.one_layer_terms(params, cfg),
         })
         if theory.has_closed_form(cfg):
             out["exact_loss_of_gamma_learned"] = theory.loss_of_gamma(gamma, sigma, omega, cfg.n, cfg.noise)
     if linear and cfg.depth > 1:
-        gammas, scale = analysis.layer_preconditioners(params, cfg)
+        gammas, scale = probes.layer_preconditioners(params, cfg)
         out["layers"] = {
             "exact": cfg.parameterization == "sparse",
-            "preconditioners": analysis.to_list(gammas),
+            "preconditioners": probes.to_list(gammas),
             "output_scale": scale,
-            "scalar_fits": [dict(zip(("eta", "residual"), analysis.scalar_fit(g))) for g in gammas],
-            "ahn_distances": [analysis.ahn_distance(g, sigma) for g in gammas],
-            "off_sparse_norms": analysis.off_sparse_norms(params, cfg),
+            "scalar_fits": [dict(zip(("eta", "residual"), probes.scalar_fit(g))) for g in gammas],
+            "ahn_distances": [probes.ahn_distance(g, sigma) for g in gammas],
+            "off_sparse_norms": probes.off_sparse_norms(params, cfg),
         }
     out.update(_sensitivity_numbers(cfg, params, res, g_star))
     return out
@@ -113,7 +114,7 @@ def _sensitivity_numbers(cfg: Config, params: Any, res: dict, g_star: np.ndarray
         if name in res:
             refs[name] = (theory.scaled_pgd_predict, (f32(res[name]["step_sizes"]), f32(precond)))
     predict = baselines.model_predictor(cfg)
-    out: dict[str, Any] = {"sensitivity_cosine": analysis.sensitivity_cosines(predict, (params,), refs, tasks)}
+    out: dict[str, Any] = {"sensitivity_cosine": probes.sensitivity_cosines(predict, (params,), refs, tasks)}
     if cfg.attention == "linear" and cfg.depth == 1:
-        out["non_gd_output_fraction"] = analysis.gd_part_fraction(params, cfg, tasks, predict, (params,))
+        out["non_gd_output_fraction"] = probes.gd_part_fraction(params, cfg, tasks, predict, (params,))
     return out

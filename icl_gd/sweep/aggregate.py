@@ -2,7 +2,7 @@
 
 One CSV row per member: every config field, the covariance label, status, final train/eval
 loss, L* (where the closed form holds), the learned one-step numbers (eta, Gamma_eff error vs
-Gamma*) for depth-1 linear members, and the references of ``icl_gd.baselines.evaluate``
+Gamma*) for depth-1 linear members, and the references of ``icl_gd.theory.baselines.evaluate``
 scored on the member's own held-out set: ``baseline_<name>`` columns (zero, ols, bayes =
 posterior mean for linear targets, gd_k / pgd_k for k = 1..depth), and for k = depth
 
@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 
 from icl_gd import theory, watchdog
-from icl_gd.analysis import one_step_summary
-from icl_gd.baselines import evaluate as evaluate_baselines
 from icl_gd.checkpoint import Checkpointer
 from icl_gd.config import Config
 from icl_gd.data import covariance_matrix, prior_covariance
 from icl_gd.sweep.grid import covariance_label, member_name
+from icl_gd.theory.baselines import evaluate as evaluate_baselines
+from icl_gd.theory.probes import one_step_summary
 
 CSV_NAME = "sweep_results.csv"
 ROW_NAME = "aggregate_row.json"

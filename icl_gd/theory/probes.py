@@ -25,7 +25,7 @@ import numpy as np
 from icl_gd.config import Config
 from icl_gd.data import Tasks
 from icl_gd.model import Params, effective_params
-from icl_gd.theory import config_optimum, one_step_predict
+from icl_gd.theory.optima import config_optimum, one_step_predict
 
 
 def _heads(w: np.ndarray, cfg: Config) -> np.ndarray:

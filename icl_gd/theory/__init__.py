@@ -1,0 +1,42 @@
+"""The theory side of icl-gd: what a trained LSA should compute, the classical predictors it is
+compared with, and the probes that read the trained weights.
+
+* ``optima``: closed forms and Monte-Carlo optima (Gamma*, L*, eta*, k-step GD/PGD); its API is
+  re-exported here, so ``from icl_gd import theory; theory.gamma_star(...)``.
+* ``baselines``: zero, OLS, Bayes ridge, tuned k-step GD/PGD, scored on a run's held-out tasks.
+* ``probes``: Gamma_eff, per-layer preconditioners and fits read from trained weights.
+"""
+
+from icl_gd.theory.optima import (
+    MCEstimate,
+    ahn_preconditioner,
+    best_scale,
+    config_optimum,
+    context_mean,
+    eta_star,
+    gamma_star,
+    has_closed_form,
+    inverse_prior_gamma_star,
+    isotropic_loss_star,
+    krylov_features,
+    loss_of_gamma,
+    loss_star,
+    mc_gamma_star,
+    mc_loss,
+    one_step_predict,
+    optimal_step_sizes,
+    oracle_preconditioner,
+    pgd_predict,
+    pgd_weights,
+    scaled_pgd_predict,
+    second_moment,
+    step_gammas,
+    step_polynomial,
+)
+
+__all__ = [
+    "MCEstimate", "ahn_preconditioner", "best_scale", "config_optimum", "context_mean", "eta_star", "gamma_star",
+    "has_closed_form", "inverse_prior_gamma_star", "isotropic_loss_star", "krylov_features", "loss_of_gamma",
+    "loss_star", "mc_gamma_star", "mc_loss", "one_step_predict", "optimal_step_sizes", "oracle_preconditioner",
+    "pgd_predict", "pgd_weights", "scaled_pgd_predict", "second_moment", "step_gammas", "step_polynomial",
+]
