@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from icl_gd.checks import Check, all_passed
+from icl_gd.experiments.checks import Check, all_passed
 
 
 @pytest.mark.parametrize("check,ok", [

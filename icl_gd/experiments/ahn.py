@@ -9,10 +9,10 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 
 from icl_gd import report, theory  # noqa: E402
-from icl_gd.checks import Check  # noqa: E402
 from icl_gd.config import Config  # noqa: E402
 from icl_gd.data import covariance_matrix  # noqa: E402
 from icl_gd.experiments.base import Experiment, Size, gamma_panels, loss_check, summary_row
+from icl_gd.experiments.checks import Check  # noqa: E402
 from icl_gd.theory import probes  # noqa: E402
 
 

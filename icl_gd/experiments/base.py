@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from icl_gd.checks import Check  # noqa: E402
 from icl_gd.config import Config  # noqa: E402
+from icl_gd.experiments.checks import Check  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,9 +9,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from icl_gd import theory  # noqa: E402
-from icl_gd.checks import Check  # noqa: E402
 from icl_gd.config import Config  # noqa: E402
 from icl_gd.experiments.base import Experiment, Size, summary_row
+from icl_gd.experiments.checks import Check  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------
