@@ -76,6 +76,18 @@ def define_watchdog_flag() -> None:
                        f"{watchdog.EXIT_HANG}, naming the stage; 0 turns the watchdog off.")
 
 
+def define_run_flags() -> None:
+    """Every Config field as a flag, plus --watchdog_s: the flags of the launchers that train."""
+    define_config_flags()
+    define_watchdog_flag()
+
+
+def start_launcher() -> None:
+    """After the flags are validated: quiet the libraries' logs and arm the watchdog."""
+    quiet_library_logs()
+    start_watchdog()
+
+
 def start_watchdog() -> None:
     """Arm ``icl_gd.watchdog`` with --watchdog_s; raise ConfigError naming the flag if it is negative."""
     seconds = flags.FLAGS.watchdog_s

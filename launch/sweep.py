@@ -19,23 +19,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from icl_gd.config import ConfigError
-from launch.flags import (
-    EXIT_RUN_FAILED,
-    config_from_flags,
-    define_config_flags,
-    define_watchdog_flag,
-    exit_codes,
-    quiet_library_logs,
-    start_watchdog,
-)
+from launch.flags import EXIT_RUN_FAILED, config_from_flags, define_run_flags, exit_codes, start_launcher
 
-define_config_flags()
-define_watchdog_flag()
+define_run_flags()
 flags.DEFINE_string("workdir", "runs/sweep", "Sweep root: one run folder per member, plus the CSV and figures.")
 flags.DEFINE_list("covariances", [], "Covariance axis: isotropic, cond<K> (e.g. cond10), eig<v1>_<v2>_... "
                   "(e.g. eig1_0.5_0.1). Empty: --covariance/--cond/--eigenvalues.")
@@ -162,12 +152,11 @@ def emit_slurm(members_count: int) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
     with exit_codes():
         for name, lo in (("num_shards", 1), ("slurm_nodes", 1), ("slurm_gpus", 0), ("slurm_cpus", 1)):
             if FLAGS[name].value < lo:
                 raise ConfigError(name, FLAGS[name].value, f"must be an integer >= {lo}")
-        start_watchdog()
+        start_launcher()
         members, mine = grid()
         if FLAGS.emit_slurm:
             emit_slurm(len(members))
@@ -182,31 +171,10 @@ def main(argv: list[str]) -> None:
             from icl_gd.sweep import cluster
 
             cluster.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        import jax
-
-        t0 = time.perf_counter()
-        if not FLAGS.only_aggregate:
-            logging.info("sweep: %d members in the grid, %d in this slice, %d group(s), %d device(s) in %d process(es)",
-                         len(members), len(mine), len(sweep.group(mine)), jax.device_count(), jax.process_count())
-            results = sweep.run_sweep(mine, FLAGS.workdir, mesh=sweep.default_mesh())
-            counts = sweep.summarize(results)
-            if jax.process_index() == 0:
-                print(f"sweep slice done in {time.perf_counter() - t0:.1f}s: {len(mine)} members: "
-                      + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-                for r in results:
-                    if r.status == "failed":
-                        print(f"FAILED {r.workdir}: {r.message}", file=sys.stderr)
-            if counts.get("failed"):
-                sys.exit(EXIT_RUN_FAILED)
-        whole = len(mine) == len(members)
-        if FLAGS.only_aggregate or (FLAGS.aggregate and whole):
-            from icl_gd.sweep import aggregate
-
-            # Every process reads (orbax synchronises reads across processes); process 0 writes.
-            lead = jax.process_index() == 0
-            paths = aggregate.aggregate(members, FLAGS.workdir, baselines=FLAGS.baselines, write=lead)
-            if lead:
-                print("aggregated: " + "  ".join(paths.values()))
+        counts = sweep.run_slice(members, mine, FLAGS.workdir, train=not FLAGS.only_aggregate,
+                                 aggregate=FLAGS.only_aggregate or FLAGS.aggregate, baselines=FLAGS.baselines)
+        if counts.get("failed"):
+            sys.exit(EXIT_RUN_FAILED)
 
 
 if __name__ == "__main__":

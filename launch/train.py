@@ -9,19 +9,10 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from launch.flags import (
-    check_workdir,
-    config_from_flags,
-    define_config_flags,
-    define_watchdog_flag,
-    exit_codes,
-    quiet_library_logs,
-    start_watchdog,
-)
+from launch.flags import check_workdir, config_from_flags, define_run_flags, exit_codes, start_launcher
 
-define_config_flags()
+define_run_flags()
 flags.DEFINE_string("workdir", "runs/default", "Run directory (checkpoints, config.json).")
-define_watchdog_flag()
 FLAGS = flags.FLAGS
 
 
@@ -53,10 +44,9 @@ def main(argv: list[str]) -> None:
     with exit_codes():
         cfg = config_from_flags()  # every flag is validated before JAX is even imported
         check_workdir(FLAGS.workdir)
-        start_watchdog()
+        start_launcher()
         from icl_gd.train import train
 
-        quiet_library_logs()
         result = train(cfg, FLAGS.workdir)
     logging.info("summary: %s", result.summary)
     print(report(result.summary, cfg))

@@ -11,6 +11,7 @@ from icl_gd.sweep.engine import (
     default_mesh,
     make_group_fns,
     num_array_tasks,
+    run_slice,
     run_sweep,
     summarize,
     train_group,
@@ -31,4 +32,4 @@ from icl_gd.sweep.grid import (
 
 __all__ = ["VMAPPABLE_FIELDS", "Axes", "MemberResult", "config_hash", "covariance_label", "default_mesh", "expand",
            "expand_union", "group", "group_key", "make_group_fns", "member_name", "num_array_tasks",
-           "parse_covariance", "run_sweep", "shard", "summarize", "train_group"]
+           "parse_covariance", "run_slice", "run_sweep", "shard", "summarize", "train_group"]

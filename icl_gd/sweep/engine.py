@@ -21,6 +21,8 @@ import dataclasses
 import functools
 import math
 import os
+import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -187,6 +189,37 @@ def run_sweep(members: Sequence[Config], root: str, mesh: jax.sharding.Mesh | No
         log(f"group {gi + 1}/{len(groups)}: {len(members_g)} members (d={rep.d}, n={rep.n}, depth={rep.depth})")
         results.extend(train_group(members_g, root, mesh=mesh, log=log))
     return results
+
+
+def run_slice(members: Sequence[Config], mine: Sequence[Config], root: str, train: bool = True, aggregate: bool = True,
+              baselines: bool = True, log: Callable[[str], None] = logging.info) -> dict[str, int]:
+    """One sweep invocation: train this process's slice ``mine`` of the grid ``members``, then
+    aggregate the whole grid when this slice is all of it (or ``train`` is off). Returns the status
+    counts; a failed member skips aggregation. Process 0 prints the end-of-slice lines."""
+    counts: dict[str, int] = {}
+    if train:
+        t0 = time.perf_counter()
+        log(f"sweep: {len(members)} members in the grid, {len(mine)} in this slice, {len(group(mine))} group(s), "
+            f"{jax.device_count()} device(s) in {jax.process_count()} process(es)")
+        results = run_sweep(mine, root, mesh=default_mesh(), log=log)
+        counts = summarize(results)
+        if jax.process_index() == 0:
+            print(f"sweep slice done in {time.perf_counter() - t0:.1f}s: {len(mine)} members: "
+                  + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+            for r in results:
+                if r.status == "failed":
+                    print(f"FAILED {r.workdir}: {r.message}", file=sys.stderr)
+        if counts.get("failed"):
+            return counts
+    if aggregate and (not train or len(mine) == len(members)):
+        from icl_gd.sweep import aggregate as aggregation  # matplotlib loads only when needed
+
+        # Every process reads (orbax synchronises reads across processes); process 0 writes.
+        lead = jax.process_index() == 0
+        paths = aggregation.aggregate(members, root, baselines=baselines, write=lead)
+        if lead:
+            print("aggregated: " + "  ".join(paths.values()))
+    return counts
 
 
 def default_mesh() -> jax.sharding.Mesh | None:
