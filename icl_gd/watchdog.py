@@ -34,10 +34,6 @@ def configure(timeout_s: float) -> None:
     _timeout_s = float(timeout_s)
 
 
-def timeout_s() -> float:
-    return _timeout_s
-
-
 def _expire(name: str, seconds: float) -> None:
     sys.stderr.write(
         f"\nerror: stage '{name}' did not finish within {seconds:g}s (--watchdog_s): the process is hung, "
