@@ -209,11 +209,11 @@ def chunk_loop(members: list[Member], state: Any, dists: Any, train_keys: Any, e
         stopping = devices.agree(sigterm is not None and sigterm.set) and step < stop
         save = step % cfg0.checkpoint_every == 0 or step == stop or stopping
         host_state = devices.to_host(state) if save and any(m.ckpt for m in members) else None
+        rate = {"steps_per_sec": length / dt, "tasks_per_sec": length * cfg0.batch_size * real / dt}
         for i, m in enumerate(members):
             if m.failed:
                 continue
-            record = {"step": step, "train_loss": float(losses[i].mean()), "eval_loss": float(eval_loss[i]),
-                      "steps_per_sec": length / dt, "tasks_per_sec": length * m.cfg.batch_size * real / dt}
+            record = {"step": step, "train_loss": float(losses[i].mean()), "eval_loss": float(eval_loss[i]), **rate}
             if programs.stacked:
                 record["group_size"] = real
             if optima[i] is not None:
@@ -223,23 +223,23 @@ def chunk_loop(members: list[Member], state: Any, dists: Any, train_keys: Any, e
                 m.ckpt.save(step, devices.unstack(host_state, i) if programs.stacked else host_state, m.cfg, m.history)
                 m.final_step = step
         devices.barrier(f"train-step-{step}")
-        log(_progress_line(members, losses, eval_loss, optima, step, length, dt, programs.stacked))
+        log(_progress_line(members, losses, eval_loss, optima, step, rate, programs.stacked))
         if stopping:
             raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {where}; re-run the same command to resume")
     return state
 
 
 def _progress_line(members: list[Member], losses: np.ndarray, eval_loss: np.ndarray, optima: list, step: int,
-                   length: int, dt: float, stacked: bool) -> str:
+                   rate: dict[str, float], stacked: bool) -> str:
     real = len(members)
-    rate = f"{length / dt:.1f} steps/s  {length * members[0].cfg.batch_size * real / dt:.3g} tasks/s"
+    speed = f"{rate['steps_per_sec']:.1f} steps/s  {rate['tasks_per_sec']:.3g} tasks/s"
     if not stacked:
         star = f"  L*={optima[0][1]:.4f}" if optima[0] is not None else ""
-        return f"step {step:>7d}  train {losses[0].mean():.4f}  eval {eval_loss[0]:.4f}{star}  {rate}"
+        return f"step {step:>7d}  train {losses[0].mean():.4f}  eval {eval_loss[0]:.4f}{star}  {speed}"
     ok = [i for i, m in enumerate(members) if not m.failed] or [0]
     return (f"step {step:>7d}  {real} members ({real - len(ok)} failed)  "
             f"train loss mean {np.mean([losses[i].mean() for i in ok]):.4f}  "
-            f"eval [{np.min(eval_loss[ok]):.4f}, {np.max(eval_loss[ok]):.4f}]  {rate}")
+            f"eval [{np.min(eval_loss[ok]):.4f}, {np.max(eval_loss[ok]):.4f}]  {speed}")
 
 
 def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = logging.info,
