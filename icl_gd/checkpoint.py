@@ -7,10 +7,12 @@ Layout: ``WORKDIR/config.json`` (the run's config, for people and for the resume
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 import orbax.checkpoint as ocp
 from absl import logging
@@ -18,7 +20,22 @@ from absl import logging
 from icl_gd import watchdog
 from icl_gd.config import Config, ConfigMismatchError
 
-__all__ = ["Checkpointer", "ConfigMismatchError", "check_same_run", "read_config", "write_config"]
+__all__ = ["Checkpointer", "ConfigMismatchError", "atomic_open", "check_same_run", "read_config", "write_config"]
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, newline: str | None = None) -> Iterator[IO[str]]:
+    """Open ``path`` for writing so that it appears whole or not at all: the text goes to a
+    temporary file of this process (several processes may write the same file) that replaces
+    ``path`` only when the block ends without error."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", newline=newline) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _manager(workdir: str, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
@@ -111,10 +128,8 @@ class Checkpointer:
 
 def write_config(workdir: str, cfg: Config) -> None:
     os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, ".config.json.tmp")
-    with open(tmp, "w") as f:
+    with atomic_open(os.path.join(workdir, "config.json")) as f:
         f.write(cfg.to_json())
-    os.replace(tmp, os.path.join(workdir, "config.json"))
 
 
 def read_config(workdir: str) -> Config | None:

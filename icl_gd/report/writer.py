@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from icl_gd import watchdog
+from icl_gd.checkpoint import atomic_open
 from icl_gd.report.figures import plot_depth, plot_gamma, plot_training, plot_weights
 from icl_gd.report.numbers import DISTRIBUTION_FIELDS, analyze_run
 from icl_gd.run import Run
@@ -125,10 +126,8 @@ def write_run_report(run: Run, out_dir: str, title: str | None = None, **kwargs)
 
 def _write_json(obj: dict, path: str) -> None:
     """Write atomically (temp file + rename): a killed process never leaves a half-written summary."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def write_folder_report(runs: dict[str, Run], out_dir: str, **kwargs) -> dict:
@@ -150,8 +149,7 @@ def write_folder_report(runs: dict[str, Run], out_dir: str, **kwargs) -> dict:
     has_depth = plot_depth(summaries, os.path.join(out_dir, "depth.png"))
     keys = ("loss", "loss_stderr", "loss_star", "loss_over_loss_star", "rel_error", "eta_learned", "eta_star")
     table = {name: {k: s.get(k) for k in keys} | {"depth": s["config"]["depth"]} for name, s in summaries.items()}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"runs": summaries, "table": table}, f, indent=2)
+    _write_json({"runs": summaries, "table": table}, os.path.join(out_dir, "summary.json"))
     lines = ["# Trained vs theory: all runs", "", "| run | depth | loss | L* | loss/L*−1 | rel. error Γ | η learned |"
              " η* |", "|---|---|---|---|---|---|---|---|"]
     for name, t in table.items():

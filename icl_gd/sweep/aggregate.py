@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from icl_gd import theory, watchdog
-from icl_gd.checkpoint import Checkpointer
+from icl_gd.checkpoint import Checkpointer, atomic_open
 from icl_gd.config import Config
 from icl_gd.data import covariance_matrix, prior_covariance
 from icl_gd.sweep.grid import covariance_label, member_name
@@ -61,10 +61,8 @@ def cached_member_row(cfg: Config, root: str, baselines: bool = True) -> dict[st
     with watchdog.stage(f"aggregating sweep member {member_name(cfg)}"):
         row = member_row(cfg, root, baselines)
     if row["status"] == "finished":
-        tmp = f"{path}.{os.getpid()}.tmp"  # every process of a distributed sweep writes the same row
-        with open(tmp, "w") as f:
+        with atomic_open(path) as f:  # every process of a distributed sweep writes the same row
             json.dump({"key": key, "row": row}, f)
-        os.replace(tmp, path)
     return row
 
 
@@ -119,12 +117,10 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
     columns: list[str] = []
     for r in rows:
         columns.extend(k for k in r if k not in columns)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def read_csv(path: str) -> list[dict[str, str]]:
