@@ -16,10 +16,16 @@ X_DISTS = ("gaussian", "sphere", "student_t")
 WEIGHT_PRIORS = ("identity", "inverse")
 NOISE_DISTS = ("gaussian", "laplace", "heteroscedastic")
 TARGETS = ("linear", "tanh", "relu_net")
-PARAMETERIZATIONS = ("full", "sparse")
+PARAMETERIZATIONS = ("full", "sparse", "block")
 ATTENTIONS = ("linear", "softmax")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
+
+# Training defaults of a parameterisation, used for every field the caller leaves unset
+# (``Config.create``; the launchers' flags). The general form's optimum sits at large |a_l| (about 9
+# in layer 3 at d=5, n=20) behind a heavy-tailed per-prompt loss: Adam's beta2 = 0.999 averages the
+# rare huge gradients for too long and lr 3e-3 moves too slowly (docs/RESULTS.md, ahn_general).
+RECIPES: dict[str, dict[str, Any]] = {"block": {"lr": 1e-2, "b2": 0.9, "steps": 10000}}
 
 # Fields that change bookkeeping only, never the trained parameters: a run may be resumed
 # with different values for these.
@@ -66,7 +72,8 @@ class Config:
     heads: int = _f(1, "Attention heads per layer (outputs summed).")
     key_size: int = _f(0, "Rows of W_K and W_Q; 0 means d+1.")
     parameterization: str = _f("full", f"Weight structure: one of {PARAMETERIZATIONS} "
-                                       "(sparse: Ahn et al.'s form, fixed readout).")
+                                       "(sparse: Ahn et al.'s PGD form; block: their general form "
+                                       "with learned x -> x value blocks B_l; both with a fixed readout).")
     attention: str = _f("linear", f"Attention kind: one of {ATTENTIONS}.")
     tie_weights: bool = _f(False, "Share one set of layer weights across all layers.")
     init_scale: float = _f(0.2, "Std of the Gaussian initialisation of every weight.")
@@ -76,6 +83,8 @@ class Config:
     schedule: str = _f("cosine", f"Learning-rate schedule: one of {SCHEDULES}.")
     warmup_steps: int = _f(0, "Linear warm-up steps for --schedule=warmup_cosine.")
     weight_decay: float = _f(0.0, "Decoupled weight decay (adamw only).")
+    b1: float = _f(0.9, "Adam/AdamW first-moment decay beta1.")
+    b2: float = _f(0.999, "Adam/AdamW second-moment decay beta2 (Ahn et al.'s code uses 0.9).")
     clip_norm: float = _f(0.0, "Global-norm gradient clipping threshold; 0 disables it.")
     batch_size: int = _f(1024, "Fresh tasks per training step.")
     steps: int = _f(4000, "Training steps.")
@@ -90,6 +99,12 @@ class Config:
     def __post_init__(self) -> None:
         # Flags and JSON give lists; keep the dataclass hashable and immutable.
         object.__setattr__(self, "eigenvalues", tuple(float(v) for v in self.eigenvalues))
+
+    @classmethod
+    def create(cls, **fields: Any) -> Config:
+        """A Config with the parameterisation's ``RECIPES`` defaults for every field not given."""
+        recipe = RECIPES.get(fields.get("parameterization", cls.parameterization), {})
+        return cls(**{**recipe, **fields})
 
     @property
     def k(self) -> int:
@@ -136,6 +151,10 @@ class Config:
         _real(self, "noise", lo=0.0)
         _real(self, "weight_decay", lo=0.0)
         _real(self, "clip_norm", lo=0.0)
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0):
+                raise ConfigError(name, value, "must be a number in [0, 1)")
         _real(self, "init_scale", lo=0.0, strict=True)
         _real(self, "lr", lo=0.0, strict=True)
         _real(self, "cond", lo=1.0)
@@ -146,6 +165,9 @@ class Config:
                 raise ConfigError("eigenvalues", list(ev), f"need exactly d={self.d} values")
             if not all(math.isfinite(v) and v > 0 for v in ev):
                 raise ConfigError("eigenvalues", list(ev), "every eigenvalue must be finite and > 0")
+        if self.parameterization == "block" and self.k < self.d:
+            raise ConfigError("key_size", self.key_size,
+                              f"--parameterization=block fixes W_K = [I_d 0]: need 0 or >= d={self.d}")
         if self.weight_decay and self.optimizer != "adamw":
             raise ConfigError("weight_decay", self.weight_decay, "only --optimizer=adamw uses weight decay")
         if self.warmup_steps >= self.steps and self.schedule == "warmup_cosine":

@@ -21,7 +21,11 @@ With one layer, u = W_V^T h and B = W_K^T W_Q, the prediction is
 
 whose GD part is (1/n) x_q^T Gamma X^T y with Gamma = u_y B_xx^T + B_yx^T u_x^T (see ``analysis``).
 
-Parameterisations: ``full`` learns every entry (Mahankali et al.'s model); ``sparse`` is the
+Parameterisations: ``full`` learns every entry (Mahankali et al.'s model); ``block`` is Ahn et
+al.'s general form (2023, Sec. 6): W_K = [I_d 0] fixed, so W_K^T W_Q = [[A_l, 0], [0, 0]] with
+A_l = W_Q[:d, :d] learned directly (as their code learns Q), W_V = [[B_l, 0], [0, 1]] with B_l
+learned, and the fixed readout h = -e_{d+1}; each layer moves every x token by B_l Sigma_hat_l A_l x_j
+and every y entry by one preconditioned GD step in the re-conditioned x. ``sparse`` is the
 Ahn et al. form, enforced by fixed masks applied in the forward pass: W_K and W_Q read only
 the x block (so B = [[A, 0], [0, 0]]), W_V maps only y to y, and the readout is Ahn et al.'s
 fixed -Z_L[d+1, n+1], i.e. h = -e_{d+1} is a constant, not learned. Why it matters: a learned
@@ -80,16 +84,29 @@ def masks(cfg: Config) -> Params:
         layer["W_V"][...] = 0.0
         layer["W_V"][..., d, d] = 1.0  # value: y -> y
         h[:] = 0.0  # the readout is fixed (``fixed_values``)
+    elif cfg.parameterization == "block":
+        layer["W_K"][...] = 0.0  # fixed [I_d 0]: the score is x_i^T A x_j with A = W_Q[:d, :d]
+        layer["W_Q"][...] = 0.0
+        layer["W_Q"][..., :d, :d] = 1.0  # A_l
+        layer["W_V"][...] = 0.0
+        layer["W_V"][..., :d, :d] = 1.0  # B_l (x -> x); the y -> y entry is fixed at 1
+        h[:] = 0.0
     return {"layers": [dict(layer) for _ in range(num_param_layers(cfg))], "h": h}
 
 
 def fixed_values(cfg: Config) -> Params:
-    """Constants of the entries ``masks`` leaves out: zero, except the sparse form's readout
-    h = -e_{d+1} (Ahn et al. 2023, eq. (2): the prediction is -Z_L[d+1, n+1])."""
+    """Constants of the entries ``masks`` leaves out: zero, except the readout h = -e_{d+1} of the
+    sparse and block forms (Ahn et al. 2023, eq. (2): the prediction is -Z_L[d+1, n+1]) and, for
+    block, W_K = [I_d 0] and the value's y -> y entry 1 (their P_l[d+1, d+1] = 1)."""
     m = masks(cfg)
     out = jax.tree.map(np.zeros_like, m)
-    if cfg.parameterization == "sparse":
-        out["h"][cfg.d] = -1.0
+    d = cfg.d
+    if cfg.parameterization in ("sparse", "block"):
+        out["h"][d] = -1.0
+    if cfg.parameterization == "block":  # Ahn et al. 2023, Sec. 6: P_l = [[B_l, 0], [0, 1]], Q_l = [[A_l, 0], [0, 0]]
+        for layer in out["layers"]:
+            layer["W_K"][..., np.arange(d), np.arange(d)] = 1.0
+            layer["W_V"][..., d, d] = 1.0
     return out
 
 
@@ -217,43 +234,58 @@ def apply_naive(params: Params, x: jax.Array, y: jax.Array, x_query: jax.Array, 
     return z[:, n] @ params["h"]
 
 
-def gd_params(cfg: Config, gammas: Any) -> Params:
-    """Exact weights of k = depth steps of preconditioned GD from w_0 = 0.
+def gd_params(cfg: Config, gammas: Any, x_maps: Any = None) -> Params:
+    """Exact weights of k = depth steps of preconditioned GD from w_0 = 0 (and, with ``x_maps``,
+    of Ahn et al.'s general form).
 
     Step l is w_{l+1} = w_l + (1/n) Gamma_l X^T (y - X w_l) (GD on (1/2n)||Xw - y||^2 with
     preconditioner Gamma_l; Gamma_l = eta I is plain GD), and the model predicts x_q^T w_L.
     For depth 1 this is yhat = (1/n) x_q^T Gamma X^T y. Construction (von Oswald et al. 2023,
-    Prop. 1; Ahn et al. 2023, Lemma 1): W_K = [I_d 0], W_Q = [Gamma_l^T 0], W_V = -e e^T and
-    h = -e with e = e_{d+1}: each layer subtracts the step from every token's y entry, so
+    Prop. 1; Ahn et al. 2023, Lemma 1, in their signs): W_K = [I_d 0], W_Q = [-Gamma_l^T 0] (so
+    Q_l = W_K^T W_Q = [[A_l, 0], [0, 0]] with A_l = -Gamma_l^T), W_V = e e^T (P_l's y -> y entry 1)
+    and h = -e with e = e_{d+1}: each layer subtracts the step from every token's y entry, so
     context rows carry the residuals y_i - x_i^T w_l and the query row carries -x_q^T w_l.
 
     ``gammas``: a scalar step size, a [d, d] matrix, or a list of either (one per layer).
-    Works for both parameterisations; needs linear attention and key_size >= d.
+    ``x_maps``: the same for B_l, the x -> x block of W_V (Ahn et al. 2023, Sec. 6: P_l =
+    [[B_l, 0], [0, 1]]); every x token then moves by x_j <- x_j + B_l Sigma_hat_l A_l x_j. None
+    (B_l = 0) is L-step PGD; other B_l need --parameterization=full or block.
+    Needs linear attention and key_size >= d.
     """
     d = cfg.d
     if cfg.attention != "linear":
         raise ValueError("gd_params needs --attention=linear")
     if cfg.k < d:
         raise ValueError(f"gd_params needs key_size >= d={d}, got {cfg.k}")
-    if not isinstance(gammas, (list, tuple)):
-        gammas = [gammas] * cfg.depth
-    if len(gammas) != cfg.depth:
-        raise ValueError(f"need {cfg.depth} preconditioners, got {len(gammas)}")
-    mats = [np.asarray(g, np.float64) * (np.eye(d) if np.ndim(g) == 0 else 1.0) for g in gammas]
-    if cfg.tie_weights and any(not np.allclose(m, mats[0]) for m in mats):
-        raise ValueError("tied weights need the same preconditioner in every layer")
-    e_vv = np.zeros((d + 1, d + 1))
-    e_vv[d, d] = -1.0
+    mats = _per_layer(cfg, gammas, "preconditioners")
+    xmaps = _per_layer(cfg, 0.0 if x_maps is None else x_maps, "x maps")
+    if x_maps is not None and cfg.parameterization == "sparse":
+        raise ValueError("x_maps (B_l) need --parameterization=full or block; sparse fixes B_l = 0")
     layers = []
-    for g in mats[: num_param_layers(cfg)]:
+    for g, b in zip(mats[: num_param_layers(cfg)], xmaps):
         wk = np.zeros((cfg.k, d + 1))
         wk[:d, :d] = np.eye(d)
         wq = np.zeros((cfg.k, d + 1))
-        wq[:d, :d] = g.T
-        layer = {"W_K": wk, "W_Q": wq, "W_V": e_vv}
-        if cfg.heads > 1:  # the whole step in head 0, other heads silent
+        wq[:d, :d] = -g.T
+        wv = np.zeros((d + 1, d + 1))
+        wv[d, d] = 1.0
+        wv[:d, :d] = b
+        layer = {"W_K": wk, "W_Q": wq, "W_V": wv}
+        if cfg.heads > 1:  # the whole step in head 0, other heads silent (their A is 0)
             layer = {name: np.concatenate([w[None], np.zeros((cfg.heads - 1, *w.shape))]) for name, w in layer.items()}
-        layers.append({name: jnp.asarray(w, jnp.float32) for name, w in layer.items()})
+        layers.append({name: jnp.asarray(w, float) for name, w in layer.items()})  # float32 (float64 under x64)
     h = np.zeros(d + 1)
     h[d] = -1.0
-    return {"layers": layers, "h": jnp.asarray(h, jnp.float32)}
+    return {"layers": layers, "h": jnp.asarray(h, float)}
+
+
+def _per_layer(cfg: Config, values: Any, what: str) -> list[np.ndarray]:
+    """One [d, d] matrix per layer from a scalar, a matrix, or a list of either."""
+    if not isinstance(values, (list, tuple)):
+        values = [values] * cfg.depth
+    if len(values) != cfg.depth:
+        raise ValueError(f"need {cfg.depth} {what}, got {len(values)}")
+    mats = [np.asarray(g, np.float64) * (np.eye(cfg.d) if np.ndim(g) == 0 else 1.0) for g in values]
+    if cfg.tie_weights and any(not np.allclose(m, mats[0]) for m in mats):
+        raise ValueError(f"tied weights need the same {what} in every layer")
+    return mats

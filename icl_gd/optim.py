@@ -1,4 +1,4 @@
-"""The optimiser of a run, built from its Config: optax Adam / AdamW / SGD, a learning-rate
+"""The optimiser of a run, built from its Config: optax Adam / AdamW (betas b1, b2) / SGD, a learning-rate
 schedule (constant, cosine, warm-up + cosine) and optional global-norm clipping."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ def make_schedule(cfg: Config) -> optax.Schedule:
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     sched = make_schedule(cfg)
     if cfg.optimizer == "adam":
-        opt = optax.adam(sched)
+        opt = optax.adam(sched, b1=cfg.b1, b2=cfg.b2)
     elif cfg.optimizer == "adamw":
-        opt = optax.adamw(sched, weight_decay=cfg.weight_decay)
+        opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
     else:
         opt = optax.sgd(sched)
     if cfg.clip_norm > 0:

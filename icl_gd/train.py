@@ -31,6 +31,7 @@ from icl_gd.keys import eval_chunks, run_keys
 from icl_gd.loss import task_loss
 from icl_gd.model import Params, init_params
 from icl_gd.optim import make_optimizer
+from icl_gd.theory.baselines import depth_references
 from icl_gd.theory.probes import one_step_summary
 
 
@@ -281,4 +282,7 @@ def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = 
     if optimum is not None:
         summary["loss_star"] = optimum[1]
     summary.update(one_step_summary(cfg, state.params))
+    if cfg.depth > 1 and cfg.attention == "linear":
+        with watchdog.stage("end-of-run references: tuned L-step PGD and the general form's optimum"):
+            summary.update(depth_references(cfg, state.params))
     return TrainResult(cfg, state, history, summary)

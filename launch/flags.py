@@ -41,10 +41,13 @@ def define_config_flags(exclude: tuple[str, ...] = ()) -> None:
 
 
 def config_from_flags(**overrides) -> Config:
-    """Build and validate the Config from parsed flags; raises ConfigError naming the flag."""
+    """Build and validate the Config from parsed flags; raises ConfigError naming the flag.
+
+    Flags left at their default give way to the parameterisation's recipe (``Config.create``).
+    """
     values = {}
     for f in dataclasses.fields(Config):
-        if f.name not in flags.FLAGS:
+        if f.name not in flags.FLAGS or not (flags.FLAGS[f.name].present or f.name == "parameterization"):
             continue
         value = flags.FLAGS[f.name].value
         if f.type.startswith("tuple"):
@@ -54,7 +57,7 @@ def config_from_flags(**overrides) -> Config:
                 raise ConfigError(f.name, ",".join(value), "must be comma-separated numbers") from e
         values[f.name] = value
     values.update(overrides)
-    return Config(**values).validate()
+    return Config.create(**values).validate()
 
 
 def check_workdir(workdir: str, flag: str = "workdir") -> None:

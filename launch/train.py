@@ -17,25 +17,47 @@ FLAGS = flags.FLAGS
 
 
 def report(summary: dict, cfg) -> str:
-    """Human-readable end-of-run lines: the learned numbers next to the theory's."""
+    """Human-readable end-of-run lines: the learned numbers next to the theory's for this depth."""
     lines = [f"finished {summary['steps']} steps in {summary['wall_seconds']:.1f}s"]
     if "eval_loss" in summary:
-        line = f"eval loss      {summary['eval_loss']:.4f}"
-        if "loss_star" in summary:
-            rel = summary["eval_loss"] / summary["loss_star"] - 1
-            line += f"    L* (best 1-layer) {summary['loss_star']:.4f}    ({rel:+.2%})"
+        loss = summary["eval_loss"]
+        line = f"eval loss      {loss:.4g}"
+        if cfg.depth == 1 and "loss_star" in summary:
+            line += f"    L* (best 1-layer) {summary['loss_star']:.4f}    ({_rel(loss, summary['loss_star'])})"
+        if "pgd_loss" in summary:
+            line += f"    {cfg.depth}-step PGD (tuned) {summary['pgd_loss']:.4g} ({_rel(loss, summary['pgd_loss'])})"
+        if "general_form_opt" in summary:
+            opt = summary["general_form_opt"]["loss"]
+            line += f"    (a, b) optimum {opt:.4g} ({_rel(loss, opt)})"
         lines.append(line)
     if "eta_learned" in summary:
         line = f"learned eta    {summary['eta_learned']:.4f}"
         if "eta_star" in summary:
-            rel = summary["eta_learned"] / summary["eta_star"] - 1
             iso = cfg.covariance == "isotropic" and cfg.weight_prior == "identity"
             name = "eta* = n/(n+d+1+sigma^2)" if iso else "eta* = tr(Gamma*)/d"
-            line += f"    {name} {summary['eta_star']:.4f}    ({rel:+.2%})"
+            line += f"    {name} {summary['eta_star']:.4f}    ({_rel(summary['eta_learned'], summary['eta_star'])})"
         lines.append(line)
     if "gamma_rel_error" in summary:
         lines.append(f"||Gamma_eff - Gamma*||_F / ||Gamma*||_F = {summary['gamma_rel_error']:.2%}")
+    if "learned_a" in summary and "general_form_opt" in summary:
+        opt = summary["general_form_opt"]
+        lines.append(f"learned a_l    {_vec(summary['learned_a'])}    optimum a_l {_vec(opt['a'])}")
+        lines.append(f"learned b_l    {_vec(summary['learned_b'][:-1])}    optimum b_l {_vec(opt['b'][:-1])}"
+                     "    (b_L never reaches the prediction)")
+    elif "layer_steps" in summary:
+        lines.append(f"learned steps  {_vec(summary['layer_steps'])}    PGD steps (tuned) {_vec(summary['pgd_steps'])}"
+                     "    (sorted: the steps commute)")
+    if "layer_ahn_distances" in summary:
+        lines.append(f"per layer dist(Sigma^1/2 Gamma_l Sigma^1/2, I) = {_vec(summary['layer_ahn_distances'])}")
     return "\n".join(lines)
+
+
+def _rel(value: float, ref: float) -> str:
+    return f"{value / ref - 1:+.2%}"
+
+
+def _vec(values) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
 def main(argv: list[str]) -> None:

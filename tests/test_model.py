@@ -22,10 +22,12 @@ def _tasks(cfg: Config, batch: int = 16, seed: int = 0):
     return _sample(jax.random.PRNGKey(seed), distribution(cfg), TaskSpec.from_config(cfg), batch)
 
 
-@pytest.mark.parametrize("parameterization", ["full", "sparse"])
+@pytest.mark.parametrize("parameterization", ["full", "sparse", "block"])
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("heads,key_size,tie", [(1, 0, False), (2, 3, False), (1, 0, True)])
 def test_associative_matches_naive(parameterization, depth, heads, key_size, tie):
+    if parameterization == "block" and key_size:
+        key_size = 5  # block fixes W_K = [I_d 0]: key_size >= d
     cfg = Config(d=4, n=9, depth=depth, heads=heads, key_size=key_size, tie_weights=tie,
                  parameterization=parameterization, init_scale=0.3)
     params = init_params(jax.random.PRNGKey(depth), cfg)
@@ -65,7 +67,7 @@ def test_heads_axis():
     assert layer["W_K"].shape == (3, 2, 4) and layer["W_V"].shape == (3, 4, 4)
 
 
-@pytest.mark.parametrize("parameterization", ["full", "sparse"])
+@pytest.mark.parametrize("parameterization", ["full", "sparse", "block"])
 def test_gd_step_constructor_is_exact(parameterization):
     cfg = Config(d=4, n=11, noise=0.3, parameterization=parameterization)
     t = _tasks(cfg, batch=32)
@@ -80,9 +82,10 @@ def test_gd_step_constructor_is_exact(parameterization):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("parameterization", ["full", "block"])
 @pytest.mark.parametrize("depth", [2, 3])
-def test_multilayer_constructor_is_k_steps_of_preconditioned_gd(depth):
-    cfg = Config(d=3, n=8, depth=depth, covariance="cond", cond=3.0)
+def test_multilayer_constructor_is_k_steps_of_preconditioned_gd(depth, parameterization):
+    cfg = Config(d=3, n=8, depth=depth, covariance="cond", cond=3.0, parameterization=parameterization)
     t = _tasks(cfg, batch=8)
     x, y, xq = (np.asarray(a, np.float64) for a in (t.x, t.y, t.x_query))
     rng = np.random.default_rng(0)

@@ -141,33 +141,64 @@ def plot_depth(summaries: dict[str, dict], path: str) -> bool:
         return False
     fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
     for ax, runs in zip(axes[0], groups.values()):
-        ref = max(runs, key=lambda s: len(s["baselines"]))
-        ks = sorted(int(n.split("_")[1]) for n in ref["baselines"] if n.startswith("gd_"))
-        for tag, label, style, size in (("gd", "k-step GD (tuned steps)", "o--", 11),
-                                        ("pgd", "k-step Sigma^-1-preconditioned GD", "s--", 6)):
-            ax.plot(ks, [ref["baselines"][f"{tag}_{k}"]["loss"] for k in ks], style, label=label, alpha=0.8, ms=size,
-                    mfc="none" if tag == "gd" else None)
-        by_kind: dict[str, list] = {}
-        for s in runs:
-            kind = f"{s['config']['parameterization']} LSA"
-            by_kind.setdefault(kind, []).append((s["config"]["depth"], s["loss"], s["loss_stderr"]))
-        for kind, pts in by_kind.items():
-            pts.sort()
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[2 * p[2] for p in pts], fmt="D-", ms=7,
-                        capsize=3, label=f"trained {kind} (depth L)")
-        ax.axhline(ref["loss_star"], color="k", ls=":", label="L* (best 1-layer)")
-        if "bayes" in ref["baselines"] and ref["baselines"]["bayes"]["loss"] > 1e-6:
-            ax.axhline(ref["baselines"]["bayes"]["loss"], color="tab:green", ls=":", label="Bayes posterior mean")
-        c = ref["config"]
-        ax.set_title(f"d={c['d']}, n={c['n']}, {c['covariance']}, prior={c['weight_prior']}, sigma={c['noise']}",
-                     fontsize=10)
-        ax.set_xlabel("depth L (layers) / GD steps k")
-        ax.set_ylabel("held-out mean squared error")
-        _log_y(ax)
-        ax.set_xticks(ks)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        depth_axes(ax, runs)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def depth_axes(ax, runs: list[dict]) -> None:
+    """One panel of ``plot_depth``: trained models of every parameterisation against depth, k-step GD
+    and PGD (tuned), the (a, b) optimum of Ahn et al.'s general form where analysed, L*, Bayes, OLS."""
+    ref = max(runs, key=lambda s: len(s["baselines"]))
+    ks = sorted(int(n.split("_")[1]) for n in ref["baselines"] if n.startswith("gd_"))
+    for tag, label, style, size in (("gd", "k-step GD (tuned steps)", "o--", 11),
+                                    ("pgd", "k-step Sigma^-1-preconditioned GD", "s--", 6)):
+        ax.plot(ks, [ref["baselines"][f"{tag}_{k}"]["loss"] for k in ks], style, label=label, alpha=0.8, ms=size,
+                mfc="none" if tag == "gd" else None)
+    general = sorted({(s["config"]["depth"], s["baselines"]["general_form_opt"]["loss"]) for s in runs
+                      if "general_form_opt" in s["baselines"]})
+    if general:
+        ax.plot(*zip(*general), "x-", color="tab:purple", ms=9, label="general form, (a, b) optimum (theory)")
+    by_kind: dict[str, list] = {}
+    for s in runs:
+        kind = f"{s['config']['parameterization']} LSA"
+        by_kind.setdefault(kind, []).append((s["config"]["depth"], s["loss"], s["loss_stderr"]))
+    for kind, pts in sorted(by_kind.items()):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[2 * p[2] for p in pts], fmt="D-", ms=7,
+                    capsize=3, label=f"trained {kind} (depth L)")
+    ax.axhline(ref["loss_star"], color="k", ls=":", label="L* (best 1-layer)")
+    for name, label, color in (("bayes", "Bayes posterior mean", "tab:green"), ("ols", "OLS", "tab:gray")):
+        if name not in ref["baselines"]:
+            continue
+        loss = ref["baselines"][name]["loss"]
+        if loss > 1e-6:
+            ax.axhline(loss, color=color, ls=":", label=label)
+        else:  # exact on noiseless data: a line at 1e-14 would squash the panel
+            ax.plot([], [], " ", label=f"{label}: {loss:.1e} (below the axis)")
+    c = ref["config"]
+    ax.set_title(f"d={c['d']}, n={c['n']}, {c['covariance']}, prior={c['weight_prior']}, sigma={c['noise']}",
+                 fontsize=10)
+    ax.set_xlabel("depth L (layers) / GD steps k")
+    ax.set_ylabel("held-out mean squared error")
+    _log_y(ax)
+    ax.set_xticks(ks)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
+def general_form_heatmaps(axes: np.ndarray, summary: dict, sigma: np.ndarray) -> None:
+    """Per layer (columns) of a block model: Sigma^1/2 A_l Sigma^1/2 (top; a_l I at the theory's
+    critical point) and B_l (bottom; b_l I), from ``summary['general_form']``."""
+    g = summary["general_form"]
+    root = probes.sym_sqrt(sigma)
+    d = len(sigma)
+    names = [f"x{i + 1}" for i in range(d)]
+    for col in range(len(g["A"])):
+        a = root @ np.asarray(g["A"][col]) @ root
+        _heatmap(axes[0, col], a, f"layer {col + 1}: Sigma^1/2 A Sigma^1/2\na = {g['a'][col]:.3g}, "
+                 f"dist {g['a_distance'][col]:.3f}", names, names)
+        _heatmap(axes[1, col], np.asarray(g["B"][col]), f"layer {col + 1}: B\nb = {g['b'][col]:.3g}, "
+                 f"resid {g['b_residual'][col]:.3f}", names, names)

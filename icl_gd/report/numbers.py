@@ -40,7 +40,9 @@ def analyze_run(run: Run, max_steps: int | None = None, num_tune_tasks: int = 2*
     loss / loss_star: the model's held-out loss and the best one-layer loss L* (exact, or the MC
     Gamma*'s loss on the same held-out tasks); gamma_learned / gamma_star / rel_error: one-layer
     effective preconditioner vs Gamma* (depth 1, linear attention); baselines: every baseline on
-    the same held-out tasks; layers: per-layer preconditioners of deeper models.
+    the same held-out tasks (with ``general_form_opt``, the (a, b) optimum of Ahn et al.'s general
+    form, for deeper models); layers: per-layer preconditioners of deeper models; general_form:
+    a block model's per-layer A_l, B_l read against a_l Sigma^-1 and b_l I.
     """
     cfg, params = run.config, run.params
     linear = cfg.attention == "linear"
@@ -97,6 +99,8 @@ def analyze_run(run: Run, max_steps: int | None = None, num_tune_tasks: int = 2*
             "ahn_distances": [probes.ahn_distance(g, sigma) for g in gammas],
             "off_sparse_norms": probes.off_sparse_norms(params, cfg),
         }
+    if linear and cfg.parameterization == "block" and "general_form_opt" in res:
+        out["general_form"] = probes.general_form_layers(params, cfg, sigma)
     out.update(_sensitivity_numbers(cfg, params, res, g_star))
     return out
 

@@ -5,6 +5,8 @@ compared with, and the probes that read the trained weights.
   re-exported here, so ``from icl_gd import theory; theory.gamma_star(...)``.
 * ``baselines``: zero, OLS, Bayes ridge, tuned k-step GD/PGD, scored on a run's held-out tasks.
 * ``probes``: Gamma_eff, per-layer preconditioners and fits read from trained weights.
+* ``general_form``: Ahn et al.'s general multi-layer form reduced to a polynomial in the
+  eigenvalues of X^T X / n, and its (a_l, b_l) optimum by Monte Carlo + L-BFGS.
 """
 
 from icl_gd.theory.optima import (

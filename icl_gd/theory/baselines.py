@@ -22,6 +22,7 @@ program removes the trigger, and float64 makes OLS exact to ~1e-12 rather than ~
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -34,7 +35,8 @@ from icl_gd import theory, watchdog
 from icl_gd.config import Config
 from icl_gd.data import Tasks, TaskSpec, covariance_matrix, distribution, prior_covariance, sample_tasks
 from icl_gd.keys import eval_chunks, run_keys, tune_key
-from icl_gd.model import apply
+from icl_gd.model import apply, gd_params
+from icl_gd.theory import general_form, probes
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,7 +206,28 @@ def baseline_predictors(cfg: Config, max_steps: int, gamma_one_layer: np.ndarray
             preds.append(Predictor(name, theory.scaled_pgd_predict, (f32(etas), f32(precond))))
             info[name] = {"description": f"{k} step(s) of {'GD' if tag == 'gd' else 'Sigma^-1-preconditioned GD'}"
                                          ", tuned step sizes", "steps": k, "step_sizes": [float(e) for e in etas]}
+    if general_form.has_general_form_optimum(cfg) and (cfg.depth > 1 or cfg.parameterization == "block"):
+        preds += baseline_predictors_general(cfg, info)
     return preds, info
+
+
+def baseline_predictors_general(cfg: Config, info: dict[str, dict]) -> list[Predictor]:
+    """The general form at its (a, b) optimum (``general_form``) as the predictor 'general_form_opt': a
+    block model with A_l = a_l Sigma^-1, B_l = b_l I; its numbers go into ``info``."""
+    opt = general_form.config_general_form_optimum(cfg)
+    block = general_form_config(cfg)
+    sigma_inv = theory.oracle_preconditioner(cfg)
+    params = gd_params(block, [-a * sigma_inv for a in opt.a], list(opt.b))
+    info["general_form_opt"] = {
+        "description": f"Ahn et al.'s general form at the (a, b) optimum: A_l = a_l Sigma^-1, B_l = b_l I, "
+                       f"{cfg.depth} layers", **opt.to_dict()}
+    return [Predictor("general_form_opt", model_predictor(block), (params,))]
+
+
+def general_form_config(cfg: Config) -> Config:
+    """The one-head, untied ``block`` model of ``cfg``'s task and depth (the (a, b) optimum's home)."""
+    return dataclasses.replace(cfg, parameterization="block", attention="linear", heads=1, key_size=0,
+                               tie_weights=False)
 
 
 def evaluate(cfg: Config, max_steps: int, params: Any = None, gamma_one_layer: np.ndarray | None = None,
@@ -217,3 +240,34 @@ def evaluate(cfg: Config, max_steps: int, params: Any = None, gamma_one_layer: n
         info["model"] = {"description": "the trained transformer"}
     errors = heldout_squared_errors(cfg, preds)
     return {name: {**info[name], **mean_and_stderr(e)} for name, e in errors.items()}
+
+
+def depth_references(cfg: Config, params: Any, num_tune_tasks: int = 2**15) -> dict[str, Any]:
+    """What a trained L-layer linear model (L > 1) is compared with at the end of a run, on its held-out tasks:
+
+    the optimal L-step Sigma^-1-preconditioned GD (tuned steps, ``tuned_steps``) and its loss; for
+    sparse and block models the learned per-layer steps eta_l (Gamma_l ~ eta_l Sigma^-1, sorted: the
+    steps commute) and dist(Sigma^1/2 Gamma_l Sigma^1/2, I); for block models also the learned
+    (a_l, b_l) beside the general form's (a, b) optimum and that optimum's loss (``general_form``).
+    """
+    sigma = covariance_matrix(cfg)
+    precond = theory.oracle_preconditioner(cfg)
+    steps = tuned_steps(cfg, precond, cfg.depth, num_tune_tasks)[-1]
+    preds, info = [Predictor("pgd", theory.scaled_pgd_predict, (jnp.asarray(steps, jnp.float32),
+                                                                 jnp.asarray(precond, jnp.float32)))], {}
+    if general_form.has_general_form_optimum(cfg):
+        preds += baseline_predictors_general(cfg, info)
+    errors = heldout_squared_errors(cfg, preds)
+    out: dict[str, Any] = {"pgd_steps": sorted(float(e) for e in steps), "pgd_loss": float(errors["pgd"].mean())}
+    if "general_form_opt" in errors:
+        opt = info["general_form_opt"]
+        out["general_form_opt"] = {"a": list(opt["a"]), "b": list(opt["b"]),
+                                   "loss": float(errors["general_form_opt"].mean())}
+    if cfg.parameterization in ("sparse", "block"):
+        gammas, _ = probes.layer_preconditioners(params, cfg)
+        out["layer_steps"] = sorted(probes.shape_fit(g, precond)[0] for g in gammas)
+        out["layer_ahn_distances"] = [probes.ahn_distance(g, sigma) for g in gammas]
+    if cfg.parameterization == "block":
+        g = probes.general_form_layers(params, cfg, sigma)
+        out.update(learned_a=g["a"], learned_b=g["b"])
+    return out

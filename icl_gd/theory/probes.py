@@ -210,3 +210,25 @@ def one_step_summary(cfg: Config, params: Params) -> dict:
         out["eta_star"] = float(np.trace(g_star) / cfg.d)
         out["gamma_rel_error"] = relative_error(gamma, g_star)
     return out
+
+
+def general_form_layers(params: Params, cfg: Config, sigma: np.ndarray) -> dict[str, list[float]]:
+    """Per layer of a block (or full) model, read as Ahn et al.'s general form (2023, Sec. 6):
+    Q_l's x block A_l (through Gamma_l = -A_l^T, ``layer_preconditioners``) against a_l Sigma^-1,
+    and W_V's x block B_l against b_l I.
+
+    a_l = -shape_fit(Gamma_l, Sigma^-1)'s scale, ``a_distance`` = ahn_distance(Gamma_l, Sigma), b_l =
+    tr(B_l)/d and ``b_residual`` = ||B_l - b_l I|| / ||B_l|| (``scalar_fit``). B_L of the last layer
+    never reaches the prediction, so its numbers describe weights the loss does not train.
+    """
+    d = cfg.d
+    gammas, _ = layer_preconditioners(params, cfg)
+    precond = np.linalg.inv(sigma)
+    stored = [layer_blocks(params, cfg, i)[1] for i in range(len(params["layers"]))]
+    stored = stored * cfg.depth if cfg.tie_weights else stored
+    b_mats = [wv.sum(0)[:d, :d] for wv in stored]
+    b_fits = [scalar_fit(b) if np.linalg.norm(b) > 0 else (0.0, 0.0) for b in b_mats]
+    return {"a": [-shape_fit(g, precond)[0] for g in gammas],
+            "a_distance": [ahn_distance(g, sigma) for g in gammas],
+            "b": [fit[0] for fit in b_fits], "b_residual": [fit[1] for fit in b_fits],
+            "A": [to_list(-g.T) for g in gammas], "B": [to_list(b) for b in b_mats]}
