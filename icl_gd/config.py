@@ -25,7 +25,7 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 # (``Config.create``; the launchers' flags). The general form's optimum sits at large |a_l| (about 9
 # in layer 3 at d=5, n=20) behind a heavy-tailed per-prompt loss: Adam's beta2 = 0.999 averages the
 # rare huge gradients for too long and lr 3e-3 moves too slowly (docs/RESULTS.md, ahn_general).
-RECIPES: dict[str, dict[str, Any]] = {"block": {"lr": 1e-2, "b2": 0.9, "steps": 10000}}
+RECIPES: dict[str, dict[str, Any]] = {"block": {"lr": 3e-2, "b2": 0.9}}
 
 # Fields that change bookkeeping only, never the trained parameters: a run may be resumed
 # with different values for these.

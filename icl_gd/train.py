@@ -235,7 +235,7 @@ def _progress_line(members: list[Member], losses: np.ndarray, eval_loss: np.ndar
     real = len(members)
     speed = f"{rate['steps_per_sec']:.1f} steps/s  {rate['tasks_per_sec']:.3g} tasks/s"
     if not stacked:
-        star = f"  L*={optima[0][1]:.4f}" if optima[0] is not None else ""
+        star = f"  L*={optima[0][1]:.4f}" if optima[0] is not None and members[0].cfg.depth == 1 else ""
         return f"step {step:>7d}  train {losses[0].mean():.4f}  eval {eval_loss[0]:.4f}{star}  {speed}"
     ok = [i for i, m in enumerate(members) if not m.failed] or [0]
     return (f"step {step:>7d}  {real} members ({real - len(ok)} failed)  "

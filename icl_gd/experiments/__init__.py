@@ -9,8 +9,9 @@ papers (their open questions): they report numbers and figures but claim nothing
 One module per paper (``mahankali``, ``ahn``, ``beyond``), each ending in its ``EXPERIMENTS``;
 ``base`` holds the shared machinery; this module is the registry and ``run_experiment``.
 
-Sizes: ``quick`` (a few minutes on a 2-core CPU: d=3, n=10) and the paper scale (d=5, n=20,
-longer training; meant for a GPU). ``steps`` overrides the training length (CI smoke tests).
+Sizes: ``quick`` (d=3, n=10, 2000 steps x the experiment's length factor) and the papers' scale
+(d=5, n=20, 4000 steps x the factor), both at 1024 tasks a step and both CPU-sized (see
+docs/RESULTS.md for the wall time). ``steps`` overrides the training length (CI smoke tests).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 
 from icl_gd import report, theory  # noqa: E402
-from icl_gd.config import Config  # noqa: E402
+from icl_gd.config import RECIPES, Config  # noqa: E402
 from icl_gd.data import covariance_matrix  # noqa: E402
 from icl_gd.experiments.base import Experiment, Size, gamma_panels, loss_check, summary_row
 from icl_gd.experiments.checks import Check  # noqa: E402
@@ -110,10 +110,9 @@ ROTATION_SPECTRUM = (1.0, 1.0, 0.25, 0.0625, 1.0)  # Ahn et al.'s rotation demo,
 
 
 def general_training(size: Size, length: float, **fields) -> Config:
-    """The recipe that reaches the general form's optimum on a CPU (see docs/RESULTS.md, ahn_general):
-    Adam with beta2 = 0.9 (Ahn et al.'s code; 0.999 averages over the heavy-tailed per-prompt
-    gradients far too long), a peak lr of 1e-2 with cosine decay."""
-    return size.base(length, lr=1e-2, b2=0.9, **fields)
+    """``size.base`` with the block recipe (``config.RECIPES``: Adam, beta2 = 0.9, peak lr 3e-2, cosine)
+    for the general-form experiments, block and full alike."""
+    return size.base(length, **{**RECIPES["block"], **fields})
 
 
 def _general_tasks(size: Size) -> list[dict]:

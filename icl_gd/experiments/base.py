@@ -26,8 +26,8 @@ class Size:
         (ill-conditioned and deep models converge slower); ``fields`` override it."""
         tiny = self.steps != 0  # smoke-test size: every code path, no claim expected to hold
         d, n = (2, 6) if tiny else (3, 10) if self.quick else (5, 20)
-        steps = self.steps or int(length * (2000 if self.quick else 20000))
-        batch = 128 if tiny else 1024 if self.quick else 4096
+        steps = self.steps or int(length * (2000 if self.quick else 4000))
+        batch = 128 if tiny else 1024
         log_every = -(-steps // 2) if tiny else max(1, min(500, steps // 4))  # tiny: one compiled length
         defaults = dict(d=d, n=n, steps=steps, batch_size=batch, log_every=log_every,
                         checkpoint_every=max(log_every, steps // 2), eval_tasks=1024 if tiny else 65536)
