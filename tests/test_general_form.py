@@ -10,7 +10,7 @@ from icl_gd import model, theory
 from icl_gd.config import Config
 from icl_gd.data import TaskSpec, covariance_matrix, distribution, sample_tasks
 from icl_gd.model import gd_params, init_params
-from icl_gd.theory import general_form
+from icl_gd.theory import general_form, probes
 from icl_gd.theory.probes import sym_sqrt
 
 apply = jax.jit(model.apply, static_argnames="cfg")
@@ -119,3 +119,20 @@ def test_two_layer_optimum_beats_gd_and_is_stationary():
             da = a.copy()
             da[i] += h
             assert general_form.prompt_losses(lam, da, c, 10).mean() >= base - 1e-6
+
+
+def test_probes_read_a_and_b_back_from_exact_weights():
+    cfg = Config(d=3, n=8, depth=3, parameterization="block", covariance="cond", cond=5.0, weight_prior="inverse")
+    sigma = covariance_matrix(cfg)
+    a, b = [-0.4, -1.3, -2.1], [0.8, -0.3, 0.5]
+    params = gd_params(cfg, [-a_l * np.linalg.inv(sigma) for a_l in a], b)
+    g = probes.general_form_layers(params, cfg, sigma)
+    np.testing.assert_allclose(g["a"], a, rtol=1e-5)
+    np.testing.assert_allclose(g["b"], b, rtol=1e-6)
+    assert max(g["a_distance"]) < 1e-5 and max(g["b_residual"]) < 1e-6
+
+
+def test_recipe_fills_only_unset_fields():
+    assert (Config.create(parameterization="block").lr, Config.create(parameterization="block").b2) == (3e-2, 0.9)
+    assert Config.create(parameterization="block", lr=1e-3).lr == 1e-3
+    assert Config.create().lr == Config().lr  # full has no recipe

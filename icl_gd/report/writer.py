@@ -63,14 +63,23 @@ def markdown(summary: dict, figures: dict[str, str], title: str) -> str:
         for i, (fit, dist, off) in enumerate(zip(lay["scalar_fits"], lay["ahn_distances"], offs)):
             lines.append(f"| {i} | {fit['eta']:.4f} | {fit['residual']:.3f} | {dist:.3f} | "
                          + ", ".join(f"{k} {v:.2g}" for k, v in off.items()) + " |")
+    if "general_form" in summary and "general_form_opt" in summary["baselines"]:
+        g, opt = summary["general_form"], summary["baselines"]["general_form_opt"]
+        lines += ["", "Ahn et al.'s general form per layer: A_l against a_l Σ⁻¹ and B_l against b_l I (the last "
+                  "layer's B_l never reaches the prediction):", "",
+                  "| layer | learned a_l | optimum a_l | dist(Σ^½A_lΣ^½, I) | learned b_l | optimum b_l | "
+                  "‖B_l − b_l I‖/‖B_l‖ |", "|---|---|---|---|---|---|---|"]
+        for i in range(len(g["a"])):
+            lines.append(f"| {i + 1} | {g['a'][i]:.4g} | {opt['a'][i]:.4g} | {g['a_distance'][i]:.3f} | "
+                         f"{g['b'][i]:.4g} | {opt['b'][i]:.4g} | {g['b_residual'][i]:.3f} |")
     lines += ["", "## Baselines (same held-out tasks)", "", "| predictor | loss | ± s.e. | notes |",
               "|---|---|---|---|",
-              f"| **trained model** | {summary['loss']:.4f} | {summary['loss_stderr']:.4f} | |"]
+              f"| **trained model** | {summary['loss']:.4g} | {summary['loss_stderr']:.2g} | |"]
     for name, b in summary["baselines"].items():
         note = b["description"]
         if "step_sizes" in b:
             note += ": η = " + ", ".join(f"{e:.3f}" for e in b["step_sizes"])
-        lines.append(f"| {name} | {b['loss']:.4f} | {b['stderr']:.4f} | {note} |")
+        lines.append(f"| {name} | {b['loss']:.4g} | {b['stderr']:.2g} | {note} |")
     lines += ["", "## Figures", ""]
     captions = {"training": "Training curve", "gamma": "Effective preconditioner vs theory",
                 "weights": "Learned W_K^T W_Q and W_V^T h"}

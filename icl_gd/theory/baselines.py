@@ -207,14 +207,15 @@ def baseline_predictors(cfg: Config, max_steps: int, gamma_one_layer: np.ndarray
             info[name] = {"description": f"{k} step(s) of {'GD' if tag == 'gd' else 'Sigma^-1-preconditioned GD'}"
                                          ", tuned step sizes", "steps": k, "step_sizes": [float(e) for e in etas]}
     if general_form.has_general_form_optimum(cfg) and (cfg.depth > 1 or cfg.parameterization == "block"):
-        preds += baseline_predictors_general(cfg, info)
+        preds += baseline_predictors_general(cfg, info, num_tune_tasks)
     return preds, info
 
 
-def baseline_predictors_general(cfg: Config, info: dict[str, dict]) -> list[Predictor]:
-    """The general form at its (a, b) optimum (``general_form``) as the predictor 'general_form_opt': a
-    block model with A_l = a_l Sigma^-1, B_l = b_l I; its numbers go into ``info``."""
-    opt = general_form.config_general_form_optimum(cfg)
+def baseline_predictors_general(cfg: Config, info: dict[str, dict], num_prompts: int) -> list[Predictor]:
+    """The general form at its (a, b) optimum (``general_form``, fit on ``num_prompts`` spectra) as the
+    predictor 'general_form_opt': a block model with A_l = a_l Sigma^-1, B_l = b_l I; its numbers go into
+    ``info``."""
+    opt = general_form.config_general_form_optimum(cfg, num_prompts)
     block = general_form_config(cfg)
     sigma_inv = theory.oracle_preconditioner(cfg)
     params = gd_params(block, [-a * sigma_inv for a in opt.a], list(opt.b))
@@ -256,7 +257,7 @@ def depth_references(cfg: Config, params: Any, num_tune_tasks: int = 2**15) -> d
     preds, info = [Predictor("pgd", theory.scaled_pgd_predict, (jnp.asarray(steps, jnp.float32),
                                                                  jnp.asarray(precond, jnp.float32)))], {}
     if general_form.has_general_form_optimum(cfg):
-        preds += baseline_predictors_general(cfg, info)
+        preds += baseline_predictors_general(cfg, info, num_tune_tasks)
     errors = heldout_squared_errors(cfg, preds)
     out: dict[str, Any] = {"pgd_steps": sorted(float(e) for e in steps), "pgd_loss": float(errors["pgd"].mean())}
     if "general_form_opt" in errors:
