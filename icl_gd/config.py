@@ -22,10 +22,12 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
 # Training defaults of a parameterisation, used for every field the caller leaves unset
-# (``Config.create``; the launchers' flags). The general form's optimum sits at large |a_l| (about 9
-# in layer 3 at d=5, n=20) behind a heavy-tailed per-prompt loss: Adam's beta2 = 0.999 averages the
-# rare huge gradients for too long and lr 3e-3 moves too slowly (docs/RESULTS.md, ahn_general).
-RECIPES: dict[str, dict[str, Any]] = {"block": {"lr": 3e-2, "b2": 0.9}}
+# (``Config.create``; the launchers' flags). The general form's optimum sits at large |a_l| (about 10
+# in layer 3 at d=5, n=20, times Sigma^-1's eigenvalues) behind a heavy-tailed per-prompt loss.
+# Adam's beta2 = 0.999 remembers the rare huge gradients for too long and lr 3e-3 moves too
+# slowly; a global-norm clip of 1e-3 rescales every gradient to that norm (Ahn et al.'s code clips
+# each matrix to 1e-3), so Adam's moments see directions, not the tail (docs/RESULTS.md, ahn_general).
+RECIPES: dict[str, dict[str, Any]] = {"block": {"lr": 0.1, "b2": 0.9, "clip_norm": 1e-3}}
 
 # Fields that change bookkeeping only, never the trained parameters: a run may be resumed
 # with different values for these.

@@ -133,6 +133,7 @@ def test_probes_read_a_and_b_back_from_exact_weights():
 
 
 def test_recipe_fills_only_unset_fields():
-    assert (Config.create(parameterization="block").lr, Config.create(parameterization="block").b2) == (3e-2, 0.9)
+    block = Config.create(parameterization="block")
+    assert (block.lr, block.b2, block.clip_norm) == (0.1, 0.9, 1e-3)
     assert Config.create(parameterization="block", lr=1e-3).lr == 1e-3
     assert Config.create().lr == Config().lr  # full has no recipe

@@ -44,7 +44,7 @@ def test_bad_flags_name_the_flag_without_traceback(tmp_path, flag, name):
 
 def test_deep_block_run_reports_against_pgd_and_the_general_form_optimum(tmp_path):
     """Depth > 1: the end-of-run lines compare with L-step PGD and the (a, b) optimum, not the one-layer L*;
-    the block recipe (lr 3e-2, beta2 0.9) fills the flags left unset, an explicit flag wins."""
+    the block recipe (lr 0.1, beta2 0.9, clip 1e-3) fills the flags left unset, an explicit flag wins."""
     out = _run(f"--workdir={tmp_path}", "--parameterization=block", "--depth=2", "--d=2", "--n=6", "--steps=200",
                "--batch_size=256", "--log_every=100", "--eval_tasks=1024", "--b1=0.8")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -52,4 +52,4 @@ def test_deep_block_run_reports_against_pgd_and_the_general_form_optimum(tmp_pat
     assert "L* (best 1-layer)" not in out.stdout
     assert "learned a_l" in out.stdout and "optimum b_l" in out.stdout
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert (cfg["lr"], cfg["b2"], cfg["b1"]) == (3e-2, 0.9, 0.8)
+    assert (cfg["lr"], cfg["b2"], cfg["clip_norm"], cfg["b1"]) == (0.1, 0.9, 1e-3, 0.8)
