@@ -35,3 +35,12 @@ def test_all_passed_needs_every_check_and_at_least_one():
         Check("c", 1.0, 1.0, -0.1)
     with pytest.raises(ValueError):
         Check("c", 1.0, 1.0, 0.1, "around")
+
+
+def test_train_seconds_shares_a_group_call_among_its_members():
+    from icl_gd.experiments.base import train_seconds
+
+    single = [{"step": 100, "steps_per_sec": 50.0}, {"step": 300, "steps_per_sec": 100.0}]
+    assert train_seconds(single) == 4.0  # 100 / 50 + 200 / 100
+    grouped = [dict(r, group_size=4) for r in single]
+    assert train_seconds(grouped) == 1.0

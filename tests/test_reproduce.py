@@ -32,7 +32,7 @@ def test_every_experiment_runs_end_to_end(tmp_path):
     assert len(judged) >= 20 and len(reports) >= 4
     assert re.search(r"^\d+ passed, \d+ failed$", out.stdout, re.M)
     record = json.loads((tmp_path / "docs" / "results_quick.json").read_text())
-    assert record["scale"]["quick"] is True and record["wall_seconds"] > 0
+    assert record["scale"]["quick"] is True and record["wall_seconds"] > record["train_seconds"] > 0
     assert [e["name"] for e in record["experiments"]] == list(EXPERIMENTS)
     assert all({"checks", "numbers", "passed"} <= set(e) for e in record["experiments"])
 
@@ -49,7 +49,7 @@ def test_paper_scale_members_are_valid_configs():
     for name, exp in EXPERIMENTS.items():
         members = exp.members(Size(quick=False))
         assert members, name
-        assert all(m.d == 5 and m.steps >= 4000 for m in members), name
+        assert all(m.d == 5 and m.steps >= 2000 for m in members), name
         ns = sorted({m.n for m in members})
         assert ns == (list(range(2, 21, 2)) if name == "ahn_variable_n" else [20]), name
     depths = sorted({m.depth for m in EXPERIMENTS["ahn_multilayer"].members(Size(quick=False))})

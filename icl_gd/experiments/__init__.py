@@ -25,7 +25,7 @@ from absl import logging
 import icl_gd
 from icl_gd import report, sweep
 from icl_gd.experiments import ahn, beyond, mahankali
-from icl_gd.experiments.base import Experiment, Outcome, Size
+from icl_gd.experiments.base import Experiment, Outcome, Size, train_seconds
 
 __all__ = ["EXPERIMENTS", "Experiment", "Outcome", "Size", "run_experiment"]
 
@@ -49,7 +49,8 @@ def run_experiment(name: str, root: str, size: Size, log: Callable[[str], None] 
     checks, numbers = exp.judge(summaries, size)
     figure = os.path.join(folder, f"{name}.png")
     exp.plot(summaries, figure)
-    outcome = Outcome(name, exp.claim, checks, numbers, figure, exp.reported_only)
+    trained = sum(train_seconds(s["history"]) for s in summaries)
+    outcome = Outcome(name, exp.claim, checks, numbers, figure, exp.reported_only, trained)
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(outcome.to_dict(), f, indent=2, default=float)
     return outcome

@@ -57,6 +57,7 @@ class Outcome:
     numbers: list[dict]
     figure: str
     reported_only: bool
+    train_seconds: float = 0.0  # the members' recorded training time (``train_seconds``), resumed runs included
 
     @property
     def passed(self) -> bool:
@@ -65,7 +66,7 @@ class Outcome:
     def to_dict(self) -> dict:
         return {"name": self.name, "claim": self.claim, "checks": [c.to_dict() for c in self.checks],
                 "numbers": self.numbers, "figure": self.figure, "reported_only": self.reported_only,
-                "passed": self.passed}
+                "passed": self.passed, "train_seconds": self.train_seconds}
 
 
 def loss_check(s: dict, tag: str, rel: float = 0.02) -> Check:
@@ -98,3 +99,13 @@ def gamma_panels(summaries: list[dict], path: str, labels: Sequence[str], ref_ti
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def train_seconds(history: list[dict]) -> float:
+    """Seconds a run spent in its compiled training calls, from its history records (a vmapped
+    group's time is shared by its ``group_size`` members); eval, checkpoints and compiles excluded."""
+    total, prev = 0.0, 0
+    for rec in history:
+        total += (rec["step"] - prev) / rec["steps_per_sec"] / rec.get("group_size", 1)
+        prev = rec["step"]
+    return total

@@ -184,6 +184,9 @@ def depth_axes(ax, runs: list[dict]) -> None:
     ax.set_xlabel("depth L (layers) / GD steps k")
     ax.set_ylabel("held-out mean squared error")
     _log_y(ax)
+    lo, hi = ax.get_ylim()
+    if hi / lo > 100:  # many decades: label the powers of ten only, or the minor labels collide
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xticks(ks)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

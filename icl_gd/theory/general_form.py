@@ -65,7 +65,8 @@ def prompt_losses(lam, a, c, n: int, noise: float = 0.0):
 
 @dataclasses.dataclass(frozen=True)
 class GeneralFormOptimum:
-    """The best (a_l, b_l) of the family, its loss over prompts (mean, s.e., median) and L-step GD's."""
+    """The best (a_l, b_l) found, its loss over the fit's prompts (mean, s.e., median: in-sample;
+    ``baselines`` scores it on a run's held-out tasks) and the optimal L-step GD's."""
 
     a: tuple[float, ...]
     b: tuple[float, ...]  # b_L is irrelevant to the prediction; reported as found (started at 0)
@@ -126,7 +127,7 @@ def general_form_optimum(d: int, n: int, depth: int, noise: float = 0.0, num_pro
     starts += [np.concatenate([-rng.uniform(0.2, 3.0, depth), rng.uniform(-1.0, 0.3, depth)]) for _ in range(restarts)]
     sub = lam[:SCREEN_PROMPTS]  # every start on a subsample, then the best one polished on the whole sample
     gd = _fit(lam, depth, n, noise, [_fit(sub, depth, n, noise, starts, False, 300)], False, 500)
-    theta = _fit(lam, depth, n, noise, [_fit(sub, depth, n, noise, [gd, *starts], True, 300)], True, 500)
+    theta = _fit(lam, depth, n, noise, [_fit(sub, depth, n, noise, [gd, *starts], True, 300), gd], True, 500)
     a, c = theta[:depth], theta[depth:]
     losses = prompt_losses(lam, a, c, n, noise)
     gd_losses = prompt_losses(lam, gd[:depth], np.zeros(depth), n, noise)
