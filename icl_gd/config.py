@@ -167,9 +167,6 @@ class Config:
                 raise ConfigError("eigenvalues", list(ev), f"need exactly d={self.d} values")
             if not all(math.isfinite(v) and v > 0 for v in ev):
                 raise ConfigError("eigenvalues", list(ev), "every eigenvalue must be finite and > 0")
-        if self.parameterization == "block" and self.k < self.d:
-            raise ConfigError("key_size", self.key_size,
-                              f"--parameterization=block fixes W_K = [I_d 0]: need 0 or >= d={self.d}")
         if self.weight_decay and self.optimizer != "adamw":
             raise ConfigError("weight_decay", self.weight_decay, "only --optimizer=adamw uses weight decay")
         if self.warmup_steps >= self.steps and self.schedule == "warmup_cosine":

@@ -22,10 +22,13 @@ With one layer, u = W_V^T h and B = W_K^T W_Q, the prediction is
 whose GD part is (1/n) x_q^T Gamma X^T y with Gamma = u_y B_xx^T + B_yx^T u_x^T (see ``analysis``).
 
 Parameterisations: ``full`` learns every entry (Mahankali et al.'s model); ``block`` is Ahn et
-al.'s general form (2023, Sec. 6): W_K = [I_d 0] fixed, so W_K^T W_Q = [[A_l, 0], [0, 0]] with
-A_l = W_Q[:d, :d] learned directly (as their code learns Q), W_V = [[B_l, 0], [0, 1]] with B_l
-learned, and the fixed readout h = -e_{d+1}; each layer moves every x token by B_l Sigma_hat_l A_l x_j
-and every y entry by one preconditioned GD step in the re-conditioned x. ``sparse`` is the
+al.'s general form (2023, Sec. 6): keys and queries read x only, so W_K^T W_Q = [[A_l, 0], [0, 0]]
+(A_l as the product of the learned x blocks: their code learns Q_l directly, but Adam on a single
+matrix must move A_l = a_l Sigma^-1's entries, ~16 |a_l| for a rotated Sigma of condition 16, one
+lr-sized step at a time, and stalled there; the product grows them multiplicatively), W_V =
+[[B_l, 0], [0, 1]] with B_l learned, and the fixed readout h = -e_{d+1}; each layer moves every x
+token by B_l Sigma_hat_l A_l x_j and every y entry by one preconditioned GD step in the
+re-conditioned x. ``sparse`` is the
 Ahn et al. form, enforced by fixed masks applied in the forward pass: W_K and W_Q read only
 the x block (so B = [[A, 0], [0, 0]]), W_V maps only y to y, and the readout is Ahn et al.'s
 fixed -Z_L[d+1, n+1], i.e. h = -e_{d+1} is a constant, not learned. Why it matters: a learned
@@ -85,9 +88,8 @@ def masks(cfg: Config) -> Params:
         layer["W_V"][..., d, d] = 1.0  # value: y -> y
         h[:] = 0.0  # the readout is fixed (``fixed_values``)
     elif cfg.parameterization == "block":
-        layer["W_K"][...] = 0.0  # fixed [I_d 0]: the score is x_i^T A x_j with A = W_Q[:d, :d]
-        layer["W_Q"][...] = 0.0
-        layer["W_Q"][..., :d, :d] = 1.0  # A_l
+        layer["W_K"][..., d] = 0.0  # keys and queries read x only: A_l = (W_K^T W_Q)[:d, :d]
+        layer["W_Q"][..., d] = 0.0
         layer["W_V"][...] = 0.0
         layer["W_V"][..., :d, :d] = 1.0  # B_l (x -> x); the y -> y entry is fixed at 1
         h[:] = 0.0
@@ -97,15 +99,14 @@ def masks(cfg: Config) -> Params:
 def fixed_values(cfg: Config) -> Params:
     """Constants of the entries ``masks`` leaves out: zero, except the readout h = -e_{d+1} of the
     sparse and block forms (Ahn et al. 2023, eq. (2): the prediction is -Z_L[d+1, n+1]) and, for
-    block, W_K = [I_d 0] and the value's y -> y entry 1 (their P_l[d+1, d+1] = 1)."""
+    block, the value's y -> y entry 1 (their P_l = [[B_l, 0], [0, 1]], Sec. 6)."""
     m = masks(cfg)
     out = jax.tree.map(np.zeros_like, m)
     d = cfg.d
     if cfg.parameterization in ("sparse", "block"):
         out["h"][d] = -1.0
-    if cfg.parameterization == "block":  # Ahn et al. 2023, Sec. 6: P_l = [[B_l, 0], [0, 1]], Q_l = [[A_l, 0], [0, 0]]
+    if cfg.parameterization == "block":
         for layer in out["layers"]:
-            layer["W_K"][..., np.arange(d), np.arange(d)] = 1.0
             layer["W_V"][..., d, d] = 1.0
     return out
 

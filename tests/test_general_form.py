@@ -48,20 +48,15 @@ def test_block_forward_is_ahn_equation(depth):
     eff = model.effective_params(params, cfg)
     a_mats = [np.asarray(lay["W_K"], np.float64).T @ np.asarray(lay["W_Q"], np.float64) for lay in eff["layers"]]
     b_mats = [np.asarray(lay["W_V"], np.float64)[:3, :3] for lay in eff["layers"]]
-    for lay in eff["layers"]:  # the block structure itself
-        assert np.allclose(np.asarray(lay["W_K"]), np.eye(4)[:4] * np.r_[1, 1, 1, 0])
+    for lay in eff["layers"]:  # the block structure itself: Q_l = [[A_l, 0], [0, 0]], P_l = [[B_l, 0], [0, 1]]
         assert float(lay["W_V"][3, 3]) == 1.0 and not np.any(np.asarray(lay["W_V"])[3, :3])
         assert not np.any(np.asarray(lay["W_V"])[:3, 3]) and not np.any(np.asarray(lay["W_Q"])[:, 3])
+        assert not np.any(np.asarray(lay["W_K"])[:, 3]) and np.any(np.asarray(lay["W_K"])[:, :3])
     assert np.array_equal(np.asarray(eff["h"]), [0, 0, 0, -1])
     t = _tasks(cfg, 6)
     x, y, xq = (np.asarray(v, np.float64) for v in (t.x, t.y, t.x_query))
     expected = _ahn_transcription([a[:3, :3] for a in a_mats], b_mats, x, y, xq)
     np.testing.assert_allclose(apply(params, t.x, t.y, t.x_query, cfg=cfg), expected, rtol=2e-4, atol=2e-4)
-
-
-def test_block_rejects_short_keys():
-    with pytest.raises(ValueError, match="key_size"):
-        Config(d=4, key_size=3, parameterization="block").validate()
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.4])

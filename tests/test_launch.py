@@ -34,7 +34,7 @@ def test_train_prints_learned_eta_next_to_theory(tmp_path):
     ("--lr=0", "--lr"),
     ("--b2=1", "--b2"),
     ("--b1=-0.1", "--b1"),
-    ("--parameterization=block --key_size=3", "--key_size"),
+    ("--parameterization=blocks", "--parameterization"),
 ])
 def test_bad_flags_name_the_flag_without_traceback(tmp_path, flag, name):
     out = _run(f"--workdir={tmp_path}", *flag.split())

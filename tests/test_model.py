@@ -26,8 +26,6 @@ def _tasks(cfg: Config, batch: int = 16, seed: int = 0):
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("heads,key_size,tie", [(1, 0, False), (2, 3, False), (1, 0, True)])
 def test_associative_matches_naive(parameterization, depth, heads, key_size, tie):
-    if parameterization == "block" and key_size:
-        key_size = 5  # block fixes W_K = [I_d 0]: key_size >= d
     cfg = Config(d=4, n=9, depth=depth, heads=heads, key_size=key_size, tie_weights=tie,
                  parameterization=parameterization, init_scale=0.3)
     params = init_params(jax.random.PRNGKey(depth), cfg)

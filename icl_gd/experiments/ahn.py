@@ -121,8 +121,8 @@ def general_training(size: Size, length: float, **fields) -> Config:
 
 def _general_tasks(size: Size) -> list[dict]:
     d = size.base().d
-    return [{"covariance": "isotropic", "weight_prior": "identity"},
-            {"covariance": "eigenvalues", "eigenvalues": ROTATION_SPECTRUM[:d], "weight_prior": "inverse"}]
+    return [{"covariance": "eigenvalues", "eigenvalues": ROTATION_SPECTRUM[:d], "weight_prior": "inverse"},
+            {"covariance": "isotropic", "weight_prior": "identity"}]
 
 
 def _general_members(size: Size) -> list[Config]:
@@ -202,7 +202,7 @@ def _variable_n_contexts(size: Size) -> tuple[int, ...]:
 
 
 def _variable_n_members(size: Size) -> list[Config]:
-    task = _general_tasks(size)[1]
+    task = _general_tasks(size)[0]
     return [general_training(size, 0.5, depth=3, n=n, parameterization="block", noise=0.0, **task)
             for n in _variable_n_contexts(size)]
 
