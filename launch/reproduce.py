@@ -79,7 +79,7 @@ def results_markdown(outcomes: list, quick: bool, md_path: str, scale: dict | No
                              f"{'PASS' if c.passed else 'FAIL'} |")
             lines.append("")
         if o.numbers:
-            keys = [k for k in o.numbers[0] if not isinstance(o.numbers[0][k], dict)]
+            keys = list(dict.fromkeys(k for row in o.numbers for k, v in row.items() if not isinstance(v, dict)))
             lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
             for row in o.numbers:
                 lines.append("| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
