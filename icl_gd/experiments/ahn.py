@@ -210,14 +210,27 @@ def _variable_n_members(size: Size) -> list[Config]:
             for n in _variable_n_contexts(size)]
 
 
+RESOLVED_MEAN = 0.1  # judge a mean only where its standard error is below 10% of it
+
+
 def _variable_n_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list[dict]]:
+    """At small n the per-prompt error of a polynomial predictor is heavy-tailed (a rare prompt with a
+    large eigenvalue of X^T X / n dominates the mean), so the median per-prompt error is judged at every
+    n and the mean only where its standard error resolves it."""
     checks, rows = [], []
     for s in sorted(summaries, key=lambda s: s["config"]["n"]):
         n, b = s["config"]["n"], s["baselines"]
-        checks.append(Check(f"n={n}: 3-layer block loss vs 3-step PGD (tuned)", s["loss"], b["pgd_3"]["loss"],
-                            3 * np.hypot(s["loss_stderr"], b["pgd_3"]["stderr"]), "max"))
-        rows.append(summary_row(s, n=n, gd_3=b["gd_3"]["loss"], pgd_3=b["pgd_3"]["loss"], ols=b["ols"]["loss"],
-                                bayes=b["bayes"]["loss"], general_opt=b["general_form_opt"]["loss"]))
+        pgd = b["pgd_3"]
+        checks.append(Check(f"n={n}: 3-layer block median per-prompt error vs 3-step PGD's (tuned)",
+                            s["loss_median"], pgd["median"], 0.0, "max"))
+        resolved = s["loss_stderr"] <= RESOLVED_MEAN * s["loss"]
+        if resolved:
+            checks.append(Check(f"n={n}: 3-layer block mean loss vs 3-step PGD (tuned)", s["loss"], pgd["loss"],
+                                3 * np.hypot(s["loss_stderr"], pgd["stderr"]), "max"))
+        rows.append(summary_row(s, n=n, loss_median=s["loss_median"], mean_judged=resolved, gd_3=b["gd_3"]["loss"],
+                                pgd_3=pgd["loss"], pgd_3_median=pgd["median"], ols=b["ols"]["loss"],
+                                bayes=b["bayes"]["loss"], general_opt=b["general_form_opt"]["loss"],
+                                general_opt_median=b["general_form_opt"]["median"]))
     return checks, rows
 
 
@@ -232,12 +245,16 @@ def _variable_n_plot(summaries: list[dict], path: str) -> None:
                                ("bayes", "Bayes posterior mean", "^:"), ("ols", "OLS (min-norm for n < d)", "v:")):
         ax.plot(ns, [max(s["baselines"][name]["loss"], 1e-12) for s in runs], style, label=label, alpha=0.85)
     ax.errorbar(ns, [s["loss"] for s in runs], yerr=[2 * s["loss_stderr"] for s in runs], fmt="D-", ms=7, capsize=3,
-                label="trained 3-layer block LSA")
+                label="trained 3-layer block LSA (mean, 2 s.e.)")
+    ax.plot(ns, [s["loss_median"] for s in runs], "D:", mfc="none", ms=7, color="tab:brown",
+            label="trained 3-layer block LSA (median per prompt)")
+    ax.plot(ns, [s["baselines"]["pgd_3"]["median"] for s in runs], "s:", mfc="none", color="tab:orange",
+            label="3-step PGD (median per prompt)")
     c = runs[0]["config"]
     ax.set(xlabel="context length n", ylabel="held-out mean squared error (log)",
            title=f"3 layers against n (d={c['d']}, rotated Sigma, w ~ N(0, Sigma^-1))")
     ax.set_yscale("log")
-    ax.set_ylim(bottom=max(1e-6, 0.3 * min(s["loss"] for s in runs)))
+    ax.set_ylim(bottom=max(1e-6, 0.3 * min(min(s["loss"], s["loss_median"]) for s in runs)))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -260,5 +277,6 @@ EXPERIMENTS = (
                _general_judge, _general_plot),
     Experiment("ahn_variable_n",
                "a 3-layer general-form LSA trained at each context length n beats 3-step PGD at every n "
-               "(Ahn et al. 2023, variable-n experiment)", _variable_n_members, _variable_n_judge, _variable_n_plot),
+               "(Ahn et al. 2023, variable-n experiment): median per-prompt error at every n, the mean where "
+               "its standard error resolves it", _variable_n_members, _variable_n_judge, _variable_n_plot),
 )

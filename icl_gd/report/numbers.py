@@ -60,6 +60,7 @@ def analyze_run(run: Run, max_steps: int | None = None, num_tune_tasks: int = 2*
         "config": cfg.to_dict(),
         "loss": model["loss"],
         "loss_stderr": model["stderr"],
+        "loss_median": model["median"],
         "loss_star": loss_star,
         "loss_star_source": opt["source"],
         "loss_over_loss_star": model["loss"] / loss_star - 1.0,

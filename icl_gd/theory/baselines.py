@@ -155,7 +155,10 @@ def heldout_squared_errors(cfg: Config, predictors: list[Predictor]) -> dict[str
 
 
 def mean_and_stderr(errors: np.ndarray) -> dict[str, float]:
-    return {"loss": float(errors.mean()), "stderr": float(errors.std(ddof=1) / np.sqrt(errors.size))}
+    """Mean squared error, its standard error, and the median per-task squared error (robust where a
+    few prompts dominate the mean, e.g. polynomial predictors at small n)."""
+    return {"loss": float(errors.mean()), "stderr": float(errors.std(ddof=1) / np.sqrt(errors.size)),
+            "median": float(np.median(errors))}
 
 
 def tuned_steps(cfg: Config, precond: np.ndarray, max_steps: int, num_tasks: int = 2**15) -> list[np.ndarray]:
