@@ -109,7 +109,9 @@ MAX_B_RESIDUAL = 0.1  # ||B_l - b_l I|| / ||B_l||: B_l = b_l I (Thm. 5), for the
 GENERAL_OPT_TOL = 1.0  # trained loss <= (1 + tol) x the (a, b) optimum's (heavy-tailed loss, CPU-sized training)
 GENERAL_OPT_FLOOR = 1e-4  # ... or within 1e-4 of it (2e-5 of E[y_q^2] = d): 4 layers' ~1e-6 is below what
 #                           8000 float32 Adam steps resolve; the learned loss is reported beside it
-FAR_BELOW_PGD = 0.25  # "far below L-step PGD": trained loss <= this x the tuned PGD loss, for L >= 2
+FAR_BELOW_PGD = 0.25  # "far below L-step PGD": trained loss <= this x the tuned PGD loss, for L >= 2 ...
+THEORY_FAR_BELOW = 0.1  # ... where the (a, b) optimum itself is >= 10x below PGD (d=3, n=10, L=2: only 4.6x)
+RESOLVED_MEAN = 0.1  # judge a mean only where its standard error is below 10% of it, else the median
 MAX_STRUCTURE_DEPTH = 3  # per-layer A_l, B_l judged up to 3 layers; at 4 the loss is ~2e-6 (within 2x of the
 #                          optimum) yet layer 1 sat at dist 0.16-0.19 after 8000 steps: reported, not judged
 ROTATION_SPECTRUM = (1.0, 1.0, 0.25, 0.0625, 1.0)  # Ahn et al.'s rotation demo, Sigma = U diag(.) U^T
@@ -155,16 +157,22 @@ def _general_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list
         pgd = s["baselines"][f"pgd_{depth}"]
         opt = s["baselines"]["general_form_opt"]
         opt_loss = opt["loss"]
-        row = summary_row(s, task=label, model=kind, depth=depth, general_opt_loss=opt_loss,
-                          general_opt_loss_median=opt["loss_median"], pgd_loss=pgd["loss"],
+        row = summary_row(s, task=label, model=kind, depth=depth, loss_median=s["loss_median"],
+                          general_opt_loss=opt_loss, general_opt_median=opt["median"], pgd_loss=pgd["loss"],
                           gd_loss=s["baselines"][f"gd_{depth}"]["loss"], ols_loss=s["baselines"]["ols"]["loss"])
         if kind == "block":
-            slack = max(GENERAL_OPT_TOL * opt_loss, GENERAL_OPT_FLOOR) + 3 * s["loss_stderr"]
-            checks.append(Check(f"{label}: block L={depth} loss vs the (a, b) optimum on the same tasks", s["loss"],
-                                opt_loss, slack, "max"))
-            if depth > 1:
-                checks.append(Check(f"{label}: block L={depth} loss / {depth}-step PGD loss (far below)",
-                                    s["loss"] / pgd["loss"], FAR_BELOW_PGD, 0.0, "max"))
+            # A mean dominated by a few prompts (small n: large eigenvalues of X^T X / n) is not judged: the
+            # median per-prompt error is, for the model and its references alike.
+            resolved = s["loss_stderr"] <= RESOLVED_MEAN * s["loss"]
+            stat = "loss" if resolved else "median"
+            loss = s["loss"] if resolved else s["loss_median"]
+            err = 3 * s["loss_stderr"] if resolved else 0.0
+            slack = max(GENERAL_OPT_TOL * opt[stat], GENERAL_OPT_FLOOR) + err
+            checks.append(Check(f"{label}: block L={depth} {stat} vs the (a, b) optimum's on the same tasks", loss,
+                                opt[stat], slack, "max"))
+            if depth > 1 and opt[stat] <= THEORY_FAR_BELOW * pgd[stat]:  # judged where the theory is far below
+                checks.append(Check(f"{label}: block L={depth} {stat} / {depth}-step PGD's (far below)",
+                                    loss / pgd[stat], FAR_BELOW_PGD, 0.0, "max"))
                 g = s["general_form"]
                 if depth <= MAX_STRUCTURE_DEPTH:
                     checks += [Check(f"{label}: L={depth}, layer {i + 1}: dist(Sigma^1/2 A_l Sigma^1/2, I)", dist,
@@ -208,9 +216,6 @@ def _variable_n_members(size: Size) -> list[Config]:
     task = _general_tasks(size)[0]
     return [general_training(size, 0.5, depth=3, n=n, parameterization="block", noise=0.0, **task)
             for n in _variable_n_contexts(size)]
-
-
-RESOLVED_MEAN = 0.1  # judge a mean only where its standard error is below 10% of it
 
 
 def _variable_n_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list[dict]]:
