@@ -173,6 +173,7 @@ def _general_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list
             if depth > 1 and opt[stat] <= THEORY_FAR_BELOW * pgd[stat]:  # judged where the theory is far below
                 checks.append(Check(f"{label}: block L={depth} {stat} / {depth}-step PGD's (far below)",
                                     loss / pgd[stat], FAR_BELOW_PGD, 0.0, "max"))
+            if depth > 1:
                 g = s["general_form"]
                 if depth <= MAX_STRUCTURE_DEPTH:
                     checks += [Check(f"{label}: L={depth}, layer {i + 1}: dist(Sigma^1/2 A_l Sigma^1/2, I)", dist,
