@@ -46,8 +46,8 @@ class Settings:
     d: int = 5
     n: int = 20
     batch_size: int = 4096
-    depths: tuple[int, ...] = (1, 3)
-    parameterizations: tuple[str, ...] = ("full", "sparse")
+    depths: tuple[int, ...] = (1, 2, 3, 4)
+    parameterizations: tuple[str, ...] = ("full", "sparse", "block")
     steps: int = 20  # training steps per timed compiled call (throughput, floor)
     repeats: int = 7
     scaling_ns: tuple[int, ...] = (20, 80, 320, 1280, 4096)

@@ -20,7 +20,8 @@ from absl import logging
 from icl_gd import watchdog
 from icl_gd.config import Config, ConfigMismatchError
 
-__all__ = ["Checkpointer", "ConfigMismatchError", "atomic_open", "check_same_run", "read_config", "write_config"]
+__all__ = ["Checkpointer", "ConfigMismatchError", "atomic_open", "check_same_run", "read_config", "saved_steps",
+           "write_config"]
 
 
 @contextlib.contextmanager
@@ -36,6 +37,16 @@ def atomic_open(path: str, newline: str | None = None) -> Iterator[IO[str]]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The finalised checkpoint steps of a run, sorted, without opening orbax (it names a step
+    folder by its bare number only once the step is fully written): the cheap test a sweep
+    re-run uses to skip a finished member and to key its cached analysis."""
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+        return []
+    return sorted(int(e) for e in os.listdir(path) if e.isdigit())
 
 
 def _manager(workdir: str, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:

@@ -37,14 +37,20 @@ c -> 0 while one step -> -inf and c times it stays finite; the remaining L-1 ste
 roots of a polynomial whose optimum has complex ones. With d=3, n=10, L=3, Adam settled there
 (held-out loss 0.253 vs 0.162 for tuned 3-step PGD); with the fixed readout it reaches 0.162.
 
-The layer is computed associatively: Z (W_Q^T W_K (Z_c^T Z_c) W_V^T), cost O(n (d+1)^2)
-per task, never the (n+1) x n score matrix; ``apply_naive`` keeps that form as a test oracle.
-The last layer only needs the query row, so with the readout folded in it is computed
-query-first, cost O(n (d+1)) per task: a = W_K^T W_Q z_q, u = W_V^T h,
-yhat = h^T z_q + (1/n) sum_i (u^T z_i)(z_i^T a). Its sums over the d+1 features are unrolled
-into elementwise ops (one [B, n] array per feature) because XLA:CPU runs batched tiny dots (one
-small matmul per task) and small reductions several times slower than fused elementwise
-loops; see docs/BENCHMARKS.md.
+Computation. Linear attention is associative, so a layer never forms the (n+1) x n score
+matrix: written for row tokens, every token (the query included) moves by the same per-task
+(d+1) x (d+1) matrix,
+
+    z_j^T <- z_j^T R_l,   R_l = I + (1/n) sum_heads W_Q^T W_K G_l W_V^T,   G_l = Z_c^T Z_c,
+
+so the context's Gram matrix evolves as G_{l+1} = R_l^T G_l R_l and the readout is
+yhat = h^T z_q + (1/n) sum_heads u^T G_L a with u = W_V^T h, a = W_K^T W_Q z_q. ``apply``
+therefore touches the n tokens once (G_0, O(n (d+1)^2) per task, no gradient needed) and runs
+every layer on (d+1) x (d+1) matrices: O((d+1)^4) per task and layer, independent of n. The
+arrays are feature-major ([d+1, d+1, B]) and the per-task products unrolled over one index with
+a hand-written VJP (``_per_task_matmul``) because XLA:CPU runs batched tiny dots, and the
+reductions autodiff makes of broadcasts, several times slower than fused elementwise loops;
+docs/BENCHMARKS.md has the numbers. ``apply_naive`` keeps the score-matrix form as the oracle.
 """
 
 from __future__ import annotations
@@ -143,8 +149,69 @@ def tokens(x: jax.Array, y: jax.Array, x_query: jax.Array) -> jax.Array:
     return jnp.concatenate([ctx, query[:, None]], axis=1)
 
 
+_GRAM_MAX = 17  # the Gram path up to this d+1 (its unrolled loops and (d+1)^4 GEMM grow with d)
+
+
+def _matmul_unrolled(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Per-task a @ b for feature-major a [I, J, B], b [J, K, B] -> [I, K, B] as J fused
+    multiply-adds (no dot, no reduction)."""
+    return sum(a[:, j, None, :] * b[None, j, :, :] for j in range(a.shape[1]))
+
+
+@jax.custom_vjp
+def _per_task_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``_matmul_unrolled`` whose VJP is two more of them (autodiff of the broadcasts would give
+    reductions over the small axes, XLA:CPU's slow path)."""
+    return _matmul_unrolled(a, b)
+
+
+def _per_task_matmul_fwd(a: jax.Array, b: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _matmul_unrolled(a, b), (a, b)
+
+
+def _per_task_matmul_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    a, b = res
+    return _matmul_unrolled(g, jnp.swapaxes(b, 0, 1)), _matmul_unrolled(jnp.swapaxes(a, 0, 1), g)
+
+
+_per_task_matmul.defvjp(_per_task_matmul_fwd, _per_task_matmul_bwd)
+
+
+def _gram(x: jax.Array, y: jax.Array) -> jax.Array:
+    """G_0 = Z_c^T Z_c per task, feature-major [d+1, d+1, B]: one reduction over n per entry pair."""
+    features = [x[..., i].T for i in range(x.shape[-1])] + [y.T]  # d+1 x [n, B]
+    dim = len(features)
+    entries = {(i, j): jnp.sum(features[i] * features[j], axis=0) for i in range(dim) for j in range(i, dim)}
+    return jnp.stack([jnp.stack([entries[min(i, j), max(i, j)] for j in range(dim)]) for i in range(dim)])
+
+
+def _gram_layer(g: jax.Array, zq: jax.Array, layer: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
+    """One residual LSA layer on (G, z_q): R = I + (1/n) sum_h W_Q^T W_K G W_V^T,
+    G <- R^T G R, z_q^T <- z_q^T R. g [d+1, d+1, B], zq [d+1, B]."""
+    dim, n = cfg.d + 1, cfg.n
+    wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
+    # M[r, l] = sum_{i, j} T[(r, l), (i, j)] G[i, j] with T = sum_h (W_Q^T W_K)[r, i] W_V[l, j]:
+    # one GEMM over the batch, so the weights' gradient is a GEMM too.
+    t = jnp.einsum("hkr,hki,hlj->rlij", wq, wk, wv).reshape(dim * dim, dim * dim)
+    r = (t @ g.reshape(dim * dim, -1)).reshape(dim, dim, -1) / n + jnp.eye(dim, dtype=g.dtype)[:, :, None]
+    zq = _per_task_matmul(zq[None], r)[0]
+    g = _per_task_matmul(jnp.swapaxes(r, 0, 1), _per_task_matmul(g, r))
+    return g, zq
+
+
+def _gram_readout(g: jax.Array, zq: jax.Array, layer: Params, h: jax.Array, cfg: Config) -> jax.Array:
+    """yhat [B] = h^T z_q + (1/n) sum_h u_h^T G a_h, u_h = W_V^T h, a_h = W_K^T W_Q z_q: the last
+    layer's query row read out through h (the context rows after it are never needed)."""
+    dim, n = cfg.d + 1, cfg.n
+    wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
+    # coef[(i, j), r] = sum_h u_h[i] (W_K^T W_Q)_h[j, r]: yhat = h.zq + (1/n) sum_ij G_ij (coef zq)_ij
+    coef = jnp.einsum("hli,l,hkj,hkr->ijr", wv, h, wk, wq).reshape(dim * dim, dim)
+    weighted = g.reshape(dim * dim, -1) * (coef @ zq)
+    return h @ zq + jnp.ones((dim * dim,), g.dtype) @ weighted / n
+
+
 def _linear_layer(z: jax.Array, layer: Params, cfg: Config, query_only: bool) -> jax.Array:
-    """One residual LSA layer, associative form. z [B, n+1, d+1]."""
+    """One residual LSA layer on the tokens, z [B, n+1, d+1] (the path for d+1 > _GRAM_MAX)."""
     n = cfg.n
     wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
     zc = z[:, :n]
@@ -155,29 +222,6 @@ def _linear_layer(z: jax.Array, layer: Params, cfg: Config, query_only: bool) ->
     if query_only:
         return z[:, n] + jnp.einsum("br,brl->bl", z[:, n], m) / n
     return z + jnp.einsum("bjr,brl->bjl", z, m) / n
-
-
-_UNROLL_MAX = 17  # unroll the last layer's feature contractions up to this d+1 (HLO grows as d)
-
-
-def _last_layer_prediction(z: jax.Array, layer: Params, h: jax.Array, cfg: Config) -> jax.Array:
-    """yhat [B] = h^T (query row after the last residual LSA layer), query-first; z [B, n+1, d+1].
-
-    h^T z_q + (1/n) sum_heads sum_i (u^T z_i)(z_i^T a), with a = W_K^T W_Q z_q and u = W_V^T h:
-    the same value as ``_linear_layer(..., query_only=True) @ h`` in O(n (d+1)) instead of
-    O(n (d+1)^2) per task, with the feature sums unrolled into elementwise ops and a single
-    reduction over n per head (XLA:CPU runs small reductions and batched dots slowly).
-    """
-    n, dim = cfg.n, cfg.d + 1
-    wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
-    zq = z[:, n]  # [B, d+1]
-    # split (not indexing): its transpose is one concatenate, not d+1 padded copies.
-    ctx = [f[:, :n, 0] for f in jnp.split(z, dim, axis=-1)]  # d+1 x [B, n]
-    a = jnp.split(jnp.einsum("br,hkr,hki->hbi", zq, wq, wk), dim, axis=-1)  # d+1 x [H, B, 1]
-    u = jnp.split(jnp.einsum("hlj,l->hj", wv, h)[:, None, :], dim, axis=-1)  # d+1 x [H, 1, 1]
-    scores = sum(a[i] * ctx[i] for i in range(dim))  # z_i^T a, [H, B, n]
-    values = sum(u[j] * ctx[j] for j in range(dim))  # u^T z_i, [H, B, n]
-    return zq @ h + jnp.sum(scores * values, axis=(0, 2)) / n
 
 
 def _softmax_layer(z: jax.Array, layer: Params, cfg: Config, query_only: bool) -> jax.Array:
@@ -202,14 +246,16 @@ def apply(params: Params, x: jax.Array, y: jax.Array, x_query: jax.Array, cfg: C
     chex.assert_rank([x, y, x_query], [3, 2, 2])
     chex.assert_shape(x, (None, cfg.n, cfg.d))
     params = effective_params(params, cfg)
-    layer_fn = _linear_layer if cfg.attention == "linear" else _softmax_layer
-    z = tokens(x, y, x_query)
     layers = _layers(params, cfg)
-    if cfg.attention == "linear" and cfg.d + 1 <= _UNROLL_MAX:
+    if cfg.attention == "linear" and cfg.d + 1 <= _GRAM_MAX:
+        g = _gram(x, y)
+        zq = jnp.concatenate([x_query, jnp.zeros_like(x_query[:, :1])], axis=-1).T  # [d+1, B]
         for layer in layers[:-1]:
-            z = layer_fn(z, layer, cfg, query_only=False)
-        pred = _last_layer_prediction(z, layers[-1], params["h"], cfg)
+            g, zq = _gram_layer(g, zq, layer, cfg)
+        pred = _gram_readout(g, zq, layers[-1], params["h"], cfg)
     else:
+        layer_fn = _linear_layer if cfg.attention == "linear" else _softmax_layer
+        z = tokens(x, y, x_query)
         for i, layer in enumerate(layers):
             z = layer_fn(z, layer, cfg, query_only=i == len(layers) - 1)
         pred = z @ params["h"]

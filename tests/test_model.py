@@ -36,6 +36,52 @@ def test_associative_matches_naive(parameterization, depth, heads, key_size, tie
     np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("parameterization", ["full", "block"])
+@pytest.mark.parametrize("heads,key_size", [(1, 0), (2, 3)])
+def test_gradients_match_naive(parameterization, heads, key_size):
+    """The Gram path's hand-written VJP against autodiff of the score-matrix oracle, in float64:
+    gradients of the weights and of the inputs (x, y, x_q) at depth 3."""
+    with jax.enable_x64(True):
+        cfg = Config(d=3, n=6, depth=3, heads=heads, key_size=key_size, parameterization=parameterization,
+                     init_scale=0.4)
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), init_params(jax.random.PRNGKey(3), cfg))
+        t = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), _tasks(cfg, batch=5))
+
+        def grads(fn):
+            loss = lambda p, x, y, xq: jnp.sum(jnp.sin(fn(p, x, y, xq, cfg)))  # noqa: E731
+            return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(params, t.x, t.y, t.x_query)
+
+        fast, slow = grads(model.apply), grads(model.apply_naive)
+        for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_wide_features_fall_back_to_the_token_path():
+    """d + 1 > _GRAM_MAX runs the token-by-token layers; they agree with the oracle too."""
+    cfg = Config(d=model._GRAM_MAX, n=4, depth=2, init_scale=0.2)
+    params = init_params(jax.random.PRNGKey(0), cfg)
+    t = _tasks(cfg, batch=3)
+    np.testing.assert_allclose(apply(params, t.x, t.y, t.x_query, cfg=cfg),
+                               apply_naive(params, t.x, t.y, t.x_query, cfg=cfg), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("parameterization", ["full", "sparse", "block"])
+def test_training_step_has_no_batched_dot(parameterization):
+    """XLA:CPU runs per-task tiny matmuls (dots with batch dimensions) slowly: the compiled
+    training step of a 3-layer model must have none (its dots are GEMMs over the batch)."""
+    from icl_gd.keys import run_keys
+    from icl_gd.optim import make_optimizer
+    from icl_gd.train import init_state, make_train_chunk
+
+    cfg = Config(d=4, n=8, depth=3, batch_size=32, parameterization=parameterization)
+    opt = make_optimizer(cfg)
+    chunk = jax.jit(make_train_chunk(cfg, opt), static_argnames="length")
+    hlo = chunk.lower(init_state(cfg, opt), distribution(cfg), run_keys(0)["train"], length=2).compile().as_text()
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert dots, "expected GEMMs in the step"
+    assert not [line for line in dots if "lhs_batch_dims" in line]
+
+
 def test_param_names_shapes_and_sparse_structure():
     cfg = Config(d=3, n=5, depth=2, parameterization="sparse")
     params = init_params(jax.random.PRNGKey(0), cfg)

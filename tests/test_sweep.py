@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -209,6 +210,21 @@ def test_aggregate_writes_csv_and_figures(swept):
     for key in ("loss_vs_depth", "eta_vs_noise"):
         with open(paths[key], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Unchanged members: the re-run rewrites nothing (rows cached, CSV and figures kept).
+    before = _mtimes(root)
+    assert aggregate.aggregate(members, root) == paths
+    assert _mtimes(root) == before
+    # A member whose row changed (as after more training) redraws the CSV and the figures.
+    row_file = os.path.join(root, sweep.member_name(members[0]), aggregate.ROW_NAME)
+    with open(row_file) as f:
+        stored = json.load(f)
+    stored["row"]["eval_loss"] *= 0.5
+    with open(row_file, "w") as f:
+        json.dump(stored, f)
+    aggregate.aggregate(members, root)
+    after = _mtimes(root)
+    assert all(after[p] != before[p] for p in paths.values())
+    assert float(aggregate.read_csv(paths["csv"])[0]["eval_loss"]) == pytest.approx(stored["row"]["eval_loss"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ The Bayes-optimal loss is drawn in the depth figure.
 
 A finished member's row is stored in its folder (``ROW_NAME``, keyed by its final step and the
 baseline settings), so re-aggregating a sweep, or resuming one whose aggregation was stopped,
-computes only the rows that are missing.
+computes only the rows that are missing; the CSV and figures are redrawn only when some row
+changed (``MANIFEST_NAME`` holds the digest of the rows they were drawn from).
 
 Figures (matplotlib Agg): ``loss_vs_depth.png`` (learned eval loss vs depth per covariance /
 noise, GD-k and PGD-k beside it) and ``eta_vs_noise.png`` (learned eta vs eta* = tr(Gamma*)/d).
@@ -21,8 +22,10 @@ noise, GD-k and PGD-k beside it) and ``eta_vs_noise.png`` (learned eta vs eta* =
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -32,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from icl_gd import theory, watchdog
-from icl_gd.checkpoint import Checkpointer, atomic_open
+from icl_gd.checkpoint import atomic_open, saved_steps
 from icl_gd.config import Config
 from icl_gd.data import covariance_matrix, prior_covariance
 from icl_gd.sweep.grid import covariance_label, member_name
@@ -41,6 +44,7 @@ from icl_gd.theory.probes import one_step_summary
 
 CSV_NAME = "sweep_results.csv"
 ROW_NAME = "aggregate_row.json"
+MANIFEST_NAME = "aggregate_manifest.json"  # digest of the rows behind the CSV and figures
 ROW_VERSION = 1  # bump when member_row's columns change: stored rows of other versions are recomputed
 BASELINE_TUNE_TASKS = 4096  # Monte-Carlo tasks that tune the GD / PGD step sizes of each member
 
@@ -67,13 +71,8 @@ def cached_member_row(cfg: Config, root: str, baselines: bool = True) -> dict[st
 
 
 def _latest_step(workdir: str) -> int | None:
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        return None
-    ckpt = Checkpointer(workdir, read_only=True)
-    try:
-        return ckpt.latest_step()
-    finally:
-        ckpt.close()
+    steps = saved_steps(workdir)
+    return steps[-1] if steps else None
 
 
 def member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]:
@@ -255,12 +254,20 @@ def aggregate(members: Sequence[Config], root: str, baselines: bool = True, writ
     rows = [cached_member_row(cfg, root, baselines) for cfg in members]
     paths = {"csv": os.path.join(root, CSV_NAME), "loss_vs_depth": os.path.join(root, "loss_vs_depth.png"),
              "eta_vs_noise": os.path.join(root, "eta_vs_noise.png")}
+    if not any(int(r["depth"]) == 1 and np.isfinite(_num(r, "eta_learned")) for r in rows):
+        del paths["eta_vs_noise"]
     if not write:
         return paths
+    digest = hashlib.sha256(json.dumps([ROW_VERSION, rows], sort_keys=True, default=str).encode()).hexdigest()
+    manifest = os.path.join(root, MANIFEST_NAME)
+    with contextlib.suppress(OSError, ValueError):
+        with open(manifest) as f:
+            if json.load(f) == {"digest": digest, "paths": paths} and all(map(os.path.exists, paths.values())):
+                return paths  # nothing changed since they were drawn
     write_csv(rows, paths["csv"])
     plot_loss_vs_depth(rows, paths["loss_vs_depth"])
-    if any(int(r["depth"]) == 1 and np.isfinite(_num(r, "eta_learned")) for r in rows):
+    if "eta_vs_noise" in paths:
         plot_eta_vs_noise(rows, paths["eta_vs_noise"])
-    else:
-        del paths["eta_vs_noise"]
+    with atomic_open(manifest) as f:
+        json.dump({"digest": digest, "paths": paths}, f)
     return paths

@@ -30,7 +30,7 @@ import jax
 from absl import logging
 
 from icl_gd import devices
-from icl_gd.checkpoint import Checkpointer, check_same_run, read_config, write_config
+from icl_gd.checkpoint import Checkpointer, check_same_run, read_config, saved_steps, write_config
 from icl_gd.config import Config
 from icl_gd.data import distribution
 from icl_gd.keys import run_keys
@@ -81,9 +81,13 @@ def _open_member(cfg: Config, root: str, log: Callable[[str], None]) -> tuple[Me
     """Claim, check, create or resume one member's folder; a MemberResult if it is already
     finished or another sweep process is training it (status 'busy')."""
     workdir = os.path.join(root, member_name(cfg))
+    steps = saved_steps(workdir)
+    if steps and steps[-1] >= cfg.steps:  # finished: no claim, no orbax, nothing to compile
+        check_same_run(workdir, cfg)
+        return MemberResult(member_name(cfg), cfg, workdir, "skipped", steps[-1], steps[-1])
     lock = None
-    # Finished members need no claim; a multi-process runtime trains every member collectively.
-    if jax.process_count() == 1 and not _finished(workdir, cfg):
+    # A multi-process runtime trains every member collectively: no claims there.
+    if jax.process_count() == 1:
         lock = RunLock(workdir)
         if not lock.acquire():
             holder = lock.holder() or {}
@@ -96,12 +100,6 @@ def _open_member(cfg: Config, root: str, log: Callable[[str], None]) -> tuple[Me
         if lock is not None:
             lock.release()
         raise
-
-
-def _finished(workdir: str, cfg: Config) -> bool:
-    """A finalised checkpoint at ``steps`` exists (orbax names only finished step folders as bare digits)."""
-    path = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(path) and any(e.isdigit() and int(e) >= cfg.steps for e in os.listdir(path))
 
 
 def _open_claimed(cfg: Config, workdir: str, lock: RunLock | None,
