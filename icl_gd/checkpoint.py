@@ -12,13 +12,15 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import orbax.checkpoint as ocp
 from absl import logging
 
 from icl_gd import watchdog
 from icl_gd.config import Config, ConfigMismatchError
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 __all__ = ["Checkpointer", "ConfigMismatchError", "atomic_open", "check_same_run", "read_config", "saved_steps",
            "write_config"]
@@ -49,7 +51,15 @@ def saved_steps(workdir: str) -> list[int]:
     return sorted(int(e) for e in os.listdir(path) if e.isdigit())
 
 
+def _ocp():  # noqa: ANN202
+    """orbax.checkpoint, imported on first use (0.5 s): a re-run of a finished sweep never needs it."""
+    import orbax.checkpoint
+
+    return orbax.checkpoint
+
+
 def _manager(workdir: str, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
+    ocp = _ocp()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=False
     )
@@ -75,6 +85,7 @@ class Checkpointer:
         return list(self._mgr.all_steps())
 
     def save(self, step: int, state: Any, config: Config, metrics: list[dict]) -> None:
+        ocp = _ocp()
         with watchdog.stage(f"saving the step-{step} checkpoint of {self.workdir}"):
             self._mgr.save(
                 step,
@@ -88,6 +99,7 @@ class Checkpointer:
 
     def restore_config(self, step: int | None = None) -> Config:
         step = self.latest_step() if step is None else step
+        ocp = _ocp()
         out = self._mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return Config.from_dict(dict(out["config"]))
 
@@ -123,6 +135,7 @@ class Checkpointer:
                         "older one", step, self.workdir, _short(error), dst)
 
     def _restore(self, template: Any, step: int) -> tuple[Any, Config, list[dict]]:
+        ocp = _ocp()
         out = self._mgr.restore(
             step,
             args=ocp.args.Composite(

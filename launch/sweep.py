@@ -167,6 +167,14 @@ def main(argv: list[str]) -> None:
             for cfg in mine:
                 print(os.path.join(FLAGS.workdir, sweep.member_name(cfg)))
             return
+        if not FLAGS.distributed and len(mine) == len(members) and (FLAGS.aggregate or FLAGS.only_aggregate):
+            from icl_gd.sweep import cache
+
+            paths = cache.up_to_date(members, FLAGS.workdir, FLAGS.baselines)
+            if paths is not None:  # every member finished and aggregated: nothing to load, train or draw
+                print(f"sweep: all {len(members)} members finished and aggregated; nothing to do")
+                print("aggregated: " + "  ".join(paths.values()))
+                return
         if FLAGS.distributed:
             from icl_gd.sweep import cluster
 

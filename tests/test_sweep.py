@@ -333,3 +333,13 @@ def test_two_concurrent_sweeps_on_one_root_train_each_member_once(tmp_path):
     assert len(members) == 6 and trained == 6
     for m in members:
         assert icl_gd.load(str(tmp_path / m)).step == 30
+    # Aggregated once, a re-run has nothing to do: it reads the stored rows and the manifest
+    # only (no JAX, no orbax), and writes nothing.
+    full = [f"--workdir={tmp_path}", *CLI_GRID, "--nobaselines"]
+    assert "aggregated:" in cli(*full, timeout=240).stdout
+    before = _mtimes(str(tmp_path))
+    out = launchers.run("launch.sweep", *full, env={**sub_env(), "PYTHONPROFILEIMPORTTIME": "1"}, timeout=60)
+    assert "nothing to do" in out.stdout
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time")}
+    assert "icl_gd.sweep.cache" in imported and not {"jax", "orbax.checkpoint"} & imported
+    assert _mtimes(str(tmp_path)) == before

@@ -14,7 +14,7 @@ The Bayes-optimal loss is drawn in the depth figure.
 A finished member's row is stored in its folder (``ROW_NAME``, keyed by its final step and the
 baseline settings), so re-aggregating a sweep, or resuming one whose aggregation was stopped,
 computes only the rows that are missing; the CSV and figures are redrawn only when some row
-changed (``MANIFEST_NAME`` holds the digest of the rows they were drawn from).
+changed (``icl_gd.sweep.cache``).
 
 Figures (matplotlib Agg): ``loss_vs_depth.png`` (learned eval loss vs depth per covariance /
 noise, GD-k and PGD-k beside it) and ``eta_vs_noise.png`` (learned eta vs eta* = tr(Gamma*)/d).
@@ -22,11 +22,8 @@ noise, GD-k and PGD-k beside it) and ``eta_vs_noise.png`` (learned eta vs eta* =
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import hashlib
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -35,44 +32,28 @@ from typing import Any
 import numpy as np
 
 from icl_gd import theory, watchdog
-from icl_gd.checkpoint import atomic_open, saved_steps
+from icl_gd.checkpoint import atomic_open
 from icl_gd.config import Config
 from icl_gd.data import covariance_matrix, prior_covariance
+from icl_gd.sweep import cache
 from icl_gd.sweep.grid import covariance_label, member_name
 from icl_gd.theory.baselines import evaluate as evaluate_baselines
 from icl_gd.theory.probes import one_step_summary
 
-CSV_NAME = "sweep_results.csv"
-ROW_NAME = "aggregate_row.json"
-MANIFEST_NAME = "aggregate_manifest.json"  # digest of the rows behind the CSV and figures
-ROW_VERSION = 1  # bump when member_row's columns change: stored rows of other versions are recomputed
-BASELINE_TUNE_TASKS = 4096  # Monte-Carlo tasks that tune the GD / PGD step sizes of each member
+CSV_NAME, ROW_NAME, MANIFEST_NAME, ROW_VERSION = cache.CSV_NAME, cache.ROW_NAME, cache.MANIFEST_NAME, cache.ROW_VERSION
+BASELINE_TUNE_TASKS = cache.BASELINE_TUNE_TASKS
 
 
 def cached_member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]:
     """``member_row``, reused from the member's folder when its checkpoint and settings are unchanged."""
-    workdir = os.path.join(root, member_name(cfg))
-    path = os.path.join(workdir, ROW_NAME)
-    key = {"version": ROW_VERSION, "final_step": _latest_step(workdir), "baselines": baselines,
-           "tune_tasks": BASELINE_TUNE_TASKS, "config": cfg.to_dict()}
-    try:
-        with open(path) as f:
-            stored = json.load(f)
-        if stored["key"] == key:
-            return stored["row"]
-    except (OSError, ValueError, KeyError):
-        pass
+    row = cache.load_row(cfg, root, baselines)
+    if row is not None:
+        return row
     with watchdog.stage(f"aggregating sweep member {member_name(cfg)}"):
         row = member_row(cfg, root, baselines)
     if row["status"] == "finished":
-        with atomic_open(path) as f:  # every process of a distributed sweep writes the same row
-            json.dump({"key": key, "row": row}, f)
+        cache.store_row(cfg, root, baselines, row)
     return row
-
-
-def _latest_step(workdir: str) -> int | None:
-    steps = saved_steps(workdir)
-    return steps[-1] if steps else None
 
 
 def member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]:
@@ -86,7 +67,7 @@ def member_row(cfg: Config, root: str, baselines: bool = True) -> dict[str, Any]
         row["loss_star"] = optimum[1]
         row["eta_star"] = float(np.trace(optimum[0]) / cfg.d)
     row["noise_floor"] = cfg.noise**2
-    latest = _latest_step(workdir)
+    latest = cache.latest_step(workdir)
     if latest is None:
         row["status"], row["final_step"] = "missing", 0
     else:
@@ -252,22 +233,12 @@ def aggregate(members: Sequence[Config], root: str, baselines: bool = True, writ
     processes); pass ``write`` on one process only.
     """
     rows = [cached_member_row(cfg, root, baselines) for cfg in members]
-    paths = {"csv": os.path.join(root, CSV_NAME), "loss_vs_depth": os.path.join(root, "loss_vs_depth.png"),
-             "eta_vs_noise": os.path.join(root, "eta_vs_noise.png")}
-    if not any(int(r["depth"]) == 1 and np.isfinite(_num(r, "eta_learned")) for r in rows):
-        del paths["eta_vs_noise"]
-    if not write:
+    paths = cache.output_paths(root, rows)
+    if not write or cache.outputs_current(root, rows):  # nothing changed since they were drawn
         return paths
-    digest = hashlib.sha256(json.dumps([ROW_VERSION, rows], sort_keys=True, default=str).encode()).hexdigest()
-    manifest = os.path.join(root, MANIFEST_NAME)
-    with contextlib.suppress(OSError, ValueError):
-        with open(manifest) as f:
-            if json.load(f) == {"digest": digest, "paths": paths} and all(map(os.path.exists, paths.values())):
-                return paths  # nothing changed since they were drawn
     write_csv(rows, paths["csv"])
     plot_loss_vs_depth(rows, paths["loss_vs_depth"])
     if "eta_vs_noise" in paths:
         plot_eta_vs_noise(rows, paths["eta_vs_noise"])
-    with atomic_open(manifest) as f:
-        json.dump({"digest": digest, "paths": paths}, f)
+    cache.record_outputs(root, rows)
     return paths

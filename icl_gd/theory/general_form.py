@@ -32,7 +32,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 
 from icl_gd.config import Config
 
@@ -100,7 +99,9 @@ def _fit(lam: np.ndarray, depth: int, n: int, noise: float, starts: list[np.ndar
         best, best_val = None, np.inf
         for x0 in starts:
             x0 = x0 if with_b else x0[:depth]
-            res = scipy.optimize.minimize(scipy_fg, x0, jac=True, method="L-BFGS-B",
+            from scipy.optimize import minimize  # lazy: importing scipy.optimize takes ~1 s
+
+            res = minimize(scipy_fg, x0, jac=True, method="L-BFGS-B",
                                           options={"maxiter": maxiter, "gtol": 1e-12, "ftol": 1e-15})
             if np.isfinite(res.fun) and res.fun < best_val:
                 best, best_val = res.x, res.fun
