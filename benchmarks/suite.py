@@ -316,13 +316,30 @@ def sweep_vmap(path: str) -> dict[str, Any]:
             "note": "not run: `python -m benchmarks.sweep_vmap --out=PATH` writes it; pass --sweep_vmap_json=PATH"}
 
 
-def run_suite(s: Settings, sweep_vmap_json: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
+# The other benchmark scripts' JSON, folded into BENCHMARKS.md when they exist (module: path).
+SIDE_BENCHMARKS = {"sweep_vmap_b1024": "benchmarks/sweep_vmap_b1024.json",
+                   "loop_efficiency": "benchmarks/loop_efficiency.json",
+                   "sweep_rerun": "benchmarks/sweep_rerun.json"}
+
+
+def side_results(paths: dict[str, str]) -> dict[str, Any]:
+    out = {}
+    for name, path in paths.items():
+        if path and os.path.exists(path):
+            with open(path) as f:
+                out[name] = {"source": path, "result": json.load(f)}
+    return out
+
+
+def run_suite(s: Settings, sweep_vmap_json: str = "", log: Callable[[str], None] = print,
+              side_json: dict[str, str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     out: dict[str, Any] = {"settings": dataclasses.asdict(s), "machine": machine_info()}
     log(f"{out['machine']['cpu_model']} x{out['machine']['cpu_count']}, load {out['machine']['load_average_start']}")
     out["throughput"] = throughput(s, log)
     out["scaling"] = scaling(s, log)
     out["sweep_vmap"] = sweep_vmap(sweep_vmap_json)
+    out["side"] = side_results(SIDE_BENCHMARKS if side_json is None else side_json)
     out["machine"]["load_average_end"] = load_average()
     out["machine"]["peak_rss_mb_end"] = peak_rss_mb()
     out["wall_s"] = time.perf_counter() - t0
@@ -441,6 +458,36 @@ def to_markdown(res: dict[str, Any], log_text: str = "(no entries yet)") -> str:
         ]
     else:
         lines.append(f"Not included: {sv['note']}.")
+    side = res.get("side", {})
+    if "sweep_vmap_b1024" in side:
+        v = side["sweep_vmap_b1024"]["result"]
+        lines += ["", f"The same with batch {v['batch_size']} per member, {v['steps']} steps "
+                  f"({side['sweep_vmap_b1024']['source']}): vmapped {v['vmapped_seconds_median']:.3f} s, sequential "
+                  f"{v['sequential_seconds_median']:.3f} s, speedup {v['speedup']:.2f}x."]
+    if "sweep_rerun" in side:
+        v = side["sweep_rerun"]["result"]
+        lines += ["", "## Re-running a finished sweep", "",
+                  f"From `benchmarks/sweep_rerun.py` ({side['sweep_rerun']['source']}): the 8-member sweep "
+                  f"`{' '.join(v['grid'])}` trained and aggregated in {v['first_run_seconds']:.1f} s; the identical "
+                  f"command again takes {v['rerun_seconds_median']:.2f} s (median of {len(v['rerun_seconds_all'])}, "
+                  f"whole command; goal < {v['goal_seconds']:.0f} s: {'met' if v['meets_goal'] else 'NOT met'})."]
+    if "loop_efficiency" in side:
+        v = side["loop_efficiency"]["result"]
+        lines += ["", "## The whole training loop against its step", "",
+                  f"From `benchmarks/loop_efficiency.py` ({side['loop_efficiency']['source']}): `train.train` with "
+                  "the default bookkeeping (held-out set every `log_every` steps, checkpoints), marginal rate of a "
+                  "long minus a short run, against the bench step timed in the same process. Goal: ratio >= "
+                  f"{v['goal']}.", "",
+                  "| L | batch | eval tasks / log_every / checkpoint_every | loop tasks/s | step tasks/s | ratio "
+                  "| goal |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in v["cases"]:
+            lines.append(f"| {r['depth']} | {r['batch_size']} | {r['eval_tasks']} / {r['log_every']} / "
+                         f"{r['checkpoint_every']} | {r['marginal_tasks_per_s']:.3g} | {r['step_tasks_per_s']:.3g} | "
+                         f"{r['ratio']:.2f} | {'met' if r['meets_goal'] else 'NOT met'} |")
+    if m.get("backend") == "cpu":
+        lines += ["", "## GPU", "", "Unmeasured: no GPU was available to this run of the suite (backend `cpu`); "
+                  "`python -m launch.bench` on a GPU machine fills the tables above for it."]
     lines += [
         "",
         "## Memory",

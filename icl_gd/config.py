@@ -67,6 +67,9 @@ class Config:
     weight_prior: str = _f("identity", "Prior of w: identity (w ~ N(0, I)) or inverse (w ~ N(0, Sigma^-1)).")
     noise: float = _f(0.0, "Label noise std sigma (eps ~ N(0, sigma^2) on every pair, the query included).")
     noise_dist: str = _f("gaussian", f"Law of the label noise, all of variance sigma^2: one of {NOISE_DISTS}.")
+    x_scale: float = _f(1.0, "Stretch of the covariates: x -> x_scale x, so Sigma -> x_scale^2 Sigma while the "
+                              "weight prior stays that of the unstretched Sigma (distribution shifts at test time).")
+    w_scale: float = _f(1.0, "Stretch of the task weights: w -> w_scale w, so Omega -> w_scale^2 Omega.")
     target: str = _f("linear", f"Target family f(x): one of {TARGETS}.")
     relu_width: int = _f(16, "Hidden width of the random two-layer ReLU target (--target=relu_net).")
     # --- model ---------------------------------------------------------------------------
@@ -151,6 +154,8 @@ class Config:
         for name in ("key_size", "warmup_steps", "seed", "rotation_seed"):
             _at_least(self, name, 0)
         _real(self, "noise", lo=0.0)
+        _real(self, "x_scale", lo=0.0, strict=True)
+        _real(self, "w_scale", lo=0.0, strict=True)
         _real(self, "weight_decay", lo=0.0)
         _real(self, "clip_norm", lo=0.0)
         for name in ("b1", "b2"):

@@ -101,24 +101,28 @@ def _from_eig(u: np.ndarray, lam: np.ndarray) -> np.ndarray:
 
 
 def covariance_matrix(cfg: Config) -> np.ndarray:
-    """Sigma = U diag(lambda) U^T, the covariance of x (float64, [d, d])."""
-    return _from_eig(eigenbasis(cfg), spectrum(cfg))
+    """Sigma = x_scale^2 U diag(lambda) U^T, the covariance of x (float64, [d, d])."""
+    return cfg.x_scale**2 * _from_eig(eigenbasis(cfg), spectrum(cfg))
+
+
+def _prior_spectrum(cfg: Config) -> np.ndarray:
+    """Eigenvalues of Omega / w_scale^2: ones (identity prior) or 1 / lambda (inverse prior, of the
+    unstretched Sigma: --x_scale stretches x at a fixed law of w)."""
+    return np.ones(cfg.d) if cfg.weight_prior == "identity" else 1.0 / spectrum(cfg)
 
 
 def prior_covariance(cfg: Config) -> np.ndarray:
-    """Omega = E[w w^T]: I for the identity prior, Sigma^-1 for the inverse prior."""
-    if cfg.weight_prior == "identity":
-        return np.eye(cfg.d)
-    return _from_eig(eigenbasis(cfg), 1.0 / spectrum(cfg))
+    """Omega = E[w w^T] = w_scale^2 I (identity prior) or w_scale^2 Sigma_0^-1 (inverse prior), with
+    Sigma_0 the covariance before --x_scale."""
+    return cfg.w_scale**2 * _from_eig(eigenbasis(cfg), _prior_spectrum(cfg))
 
 
 def distribution(cfg: Config) -> Distribution:
     """The ``Distribution`` arrays (float32) for a config."""
     u, lam = eigenbasis(cfg), spectrum(cfg)
-    prior_lam = np.ones(cfg.d) if cfg.weight_prior == "identity" else 1.0 / lam
     return Distribution(
-        sigma_sqrt=jnp.asarray(_from_eig(u, np.sqrt(lam)), jnp.float32),
-        prior_sqrt=jnp.asarray(_from_eig(u, np.sqrt(prior_lam)), jnp.float32),
+        sigma_sqrt=jnp.asarray(cfg.x_scale * _from_eig(u, np.sqrt(lam)), jnp.float32),
+        prior_sqrt=jnp.asarray(cfg.w_scale * _from_eig(u, np.sqrt(_prior_spectrum(cfg))), jnp.float32),
         noise=jnp.asarray(cfg.noise, jnp.float32),
     )
 

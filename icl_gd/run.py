@@ -51,6 +51,18 @@ class Run:
         return np.asarray(_jitted_apply(cfg)(self.params, x, y, x_query))
 
 
+    def evaluate(self, num_tasks: int | None = None, references: bool = True, **overrides: Any) -> dict[str, dict]:
+        """Held-out loss (with standard error and median) of the trained model on tasks from this run's
+        distribution with task fields overridden, e.g. ``run.evaluate(n=40)`` (test-time context
+        length: the layers then average over 40 tokens, 1/n = 1/40), ``run.evaluate(x_scale=2)``,
+        ``run.evaluate(covariance="cond", cond=100)`` or ``run.evaluate(noise=1.0)``; beside it the
+        baselines tuned for that distribution and, where it exists, the theory's loss of the model
+        (``icl_gd.theory.shifted``)."""
+        from icl_gd.theory import shifted
+
+        return shifted.evaluate(self.config, self.params, num_tasks, references, **overrides)
+
+
 @functools.lru_cache(maxsize=32)
 def _jitted_apply(cfg: Config):
     return jax.jit(functools.partial(apply, cfg=cfg))

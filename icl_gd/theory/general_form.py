@@ -142,7 +142,7 @@ def general_form_optimum(d: int, n: int, depth: int, noise: float = 0.0, num_pro
 def has_general_form_optimum(cfg: Config) -> bool:
     """The reduction needs Gaussian x, a linear target, Gaussian noise and a whitened prior w' ~ N(0, I):
     w ~ N(0, Sigma^-1), or Sigma = I with w ~ N(0, I)."""
-    whitened = cfg.weight_prior == "inverse" or cfg.covariance == "isotropic"
+    whitened = (cfg.weight_prior == "inverse" or cfg.covariance == "isotropic") and cfg.x_scale == cfg.w_scale == 1
     return (whitened and cfg.x_dist == "gaussian" and cfg.target == "linear" and cfg.noise_dist == "gaussian"
             and cfg.attention == "linear")
 
