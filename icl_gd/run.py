@@ -51,7 +51,8 @@ class Run:
         return np.asarray(_jitted_apply(cfg)(self.params, x, y, x_query))
 
 
-    def evaluate(self, num_tasks: int | None = None, references: bool = True, **overrides: Any) -> dict[str, dict]:
+    def evaluate(self, num_tasks: int | None = None, references: bool = True, num_tune_tasks: int = 2**14,
+                 **overrides: Any) -> dict[str, dict]:
         """Held-out loss (with standard error and median) of the trained model on tasks from this run's
         distribution with task fields overridden, e.g. ``run.evaluate(n=40)`` (test-time context
         length: the layers then average over 40 tokens, 1/n = 1/40), ``run.evaluate(x_scale=2)``,
@@ -60,7 +61,7 @@ class Run:
         (``icl_gd.theory.shifted``)."""
         from icl_gd.theory import shifted
 
-        return shifted.evaluate(self.config, self.params, num_tasks, references, **overrides)
+        return shifted.evaluate(self.config, self.params, num_tasks, references, num_tune_tasks, **overrides)
 
 
 @functools.lru_cache(maxsize=32)

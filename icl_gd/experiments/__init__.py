@@ -24,13 +24,13 @@ from absl import logging
 
 import icl_gd
 from icl_gd import report, sweep
-from icl_gd.experiments import ahn, beyond, mahankali
+from icl_gd.experiments import ahn, beyond, context, mahankali
 from icl_gd.experiments.base import Experiment, Outcome, Size, train_seconds
 
 __all__ = ["EXPERIMENTS", "Experiment", "Outcome", "Size", "run_experiment"]
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (*mahankali.EXPERIMENTS, *ahn.EXPERIMENTS,
-                                                             *beyond.EXPERIMENTS)}
+                                                             *beyond.EXPERIMENTS, *context.EXPERIMENTS)}
 
 
 def run_experiment(name: str, root: str, size: Size, log: Callable[[str], None] = logging.info) -> Outcome:
@@ -46,6 +46,8 @@ def run_experiment(name: str, root: str, size: Size, log: Callable[[str], None] 
         run = icl_gd.load(os.path.join(folder, sweep.member_name(cfg)))
         max_steps = max(cfg.depth for cfg in members)
         summaries.append(report.analyze_run(run, max_steps=max_steps, **size.analysis_kwargs))
+        if exp.probe is not None:
+            summaries[-1]["probe"] = exp.probe(run, size)
     checks, numbers = exp.judge(summaries, size)
     figure = os.path.join(folder, f"{name}.png")
     exp.plot(summaries, figure)

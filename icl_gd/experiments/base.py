@@ -47,6 +47,7 @@ class Experiment:
     judge: Callable[[list[dict], Size], tuple[list[Check], list[dict]]]
     plot: Callable[[list[dict], str], None]
     reported_only: bool = False
+    probe: Callable[[Any, Size], dict] | None = None  # (loaded Run, size) -> numbers kept as summary["probe"]
 
 
 @dataclasses.dataclass
