@@ -19,6 +19,9 @@ flags.DEFINE_string("out", None, "Output directory; default WORKDIR/analysis.")
 flags.DEFINE_integer("max_steps", 0, "Largest k of the k-step GD baselines; 0 means max(depth, 3).")
 flags.DEFINE_integer("tune_tasks", 2**15, "Tasks the baselines' step sizes are tuned on (Monte Carlo).")
 flags.DEFINE_integer("mc_tasks", 2**18, "Tasks for the Monte-Carlo Gamma* where no closed form exists.")
+flags.DEFINE_list("eval_ns", [], "Test-time context lengths (e.g. 2,5,10,20,40,80): the loss-against-n' curve of each "
+                  "run (the layers average over n' tokens) beside its exact loss and OLS, ridge, GD, PGD tuned per n'.")
+flags.DEFINE_integer("eval_ns_tasks", 2**15, "Held-out tasks per context length of --eval_ns.")
 define_watchdog_flag()
 FLAGS = flags.FLAGS
 
@@ -53,9 +56,11 @@ def check_flags() -> dict[str, str]:
     empty = [name for name, path in runs.items() if not _has_checkpoint(path)]
     if empty:
         raise ConfigError("workdir", workdir, f"no checkpoint saved yet in {', '.join(empty)} (train it first)")
-    for name, lo in (("max_steps", 0), ("tune_tasks", 16), ("mc_tasks", 256)):
+    for name, lo in (("max_steps", 0), ("tune_tasks", 16), ("mc_tasks", 256), ("eval_ns_tasks", 256)):
         if FLAGS[name].value < lo:
             raise ConfigError(name, FLAGS[name].value, f"must be an integer >= {lo}")
+    if not all(v.isdigit() and int(v) >= 1 for v in FLAGS.eval_ns):
+        raise ConfigError("eval_ns", ",".join(FLAGS.eval_ns), "must be comma-separated integers >= 1")
     start_watchdog()
     return runs
 
@@ -80,6 +85,24 @@ def main(argv: list[str]) -> None:
     else:
         loaded = {name: icl_gd.load(path) for name, path in runs.items()}
         rows = report.write_folder_report(loaded, out, **kwargs)["runs"]
+    if FLAGS.eval_ns:
+        import json
+
+        from icl_gd.report.figures import plot_context_length
+        from icl_gd.theory import shifted
+
+        ns = [int(v) for v in FLAGS.eval_ns]
+        paths = runs if not _is_run(workdir) else {os.path.basename(os.path.abspath(workdir)): workdir}
+        for name, path in paths.items():
+            run = icl_gd.load(path)
+            curve = shifted.context_curve(run.config, run.params, ns, FLAGS.eval_ns_tasks, FLAGS.tune_tasks)
+            where = out if _is_run(workdir) else os.path.join(out, name)
+            os.makedirs(where, exist_ok=True)
+            with open(os.path.join(where, "context_length.json"), "w") as f:
+                json.dump(curve, f, indent=1)
+            plot_context_length(curve, run.config.n, f"{name}: loss against test-time context length",
+                                os.path.join(where, "context_length.png"))
+            print(f"{name}: context-length curve in {os.path.join(where, 'context_length.png')}")
     for name, s in rows.items():
         rel = "" if s["rel_error"] is None else f"  rel_error {s['rel_error']:.2%}"
         print(f"{name}: loss {s['loss']:.4f}  L* {s['loss_star']:.4f} ({s['loss_over_loss_star']:+.2%}){rel}")

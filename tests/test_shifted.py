@@ -27,12 +27,12 @@ def test_context_length_shift_matches_the_closed_form():
     np.testing.assert_allclose(probes.effective_gamma(params, cfg), gamma, atol=1e-6)
     for n in (4, 10, 25):
         res = shifted.evaluate(cfg, params, num_tasks=2**15, references=False, n=n)
-        model, exact = res["model"], res["gamma_eff_theory"]["loss"]
+        model, exact = res["model"], res["exact"]["loss"]
         assert model["n"] == n
         assert abs(model["loss"] - exact) <= 3 * model["stderr"], (n, model, exact)
     # The references come along on the same tasks, tuned for the shifted distribution.
     res = shifted.evaluate(cfg, params, num_tasks=2**13, n=25)
-    assert {"model", "ols", "bayes", "gd_1", "pgd_1", "gamma_eff_theory"} <= set(res)
+    assert {"model", "ols", "bayes", "gd_1", "pgd_1", "exact"} <= set(res)
     assert res["bayes"]["loss"] < res["gd_1"]["loss"]
 
 

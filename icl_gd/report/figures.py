@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
@@ -205,3 +206,32 @@ def general_form_heatmaps(axes: np.ndarray, summary: dict, sigma: np.ndarray) ->
                  f"dist {g['a_distance'][col]:.3f}", names, names)
         _heatmap(axes[1, col], np.asarray(g["B"][col]), f"layer {col + 1}: B\nb = {g['b'][col]:.3g}, "
                  f"resid {g['b_residual'][col]:.3f}", names, names)
+
+
+def context_length_axes(ax, rows: list[dict], trained_n: int, title: str) -> None:
+    """Held-out loss against the test-time context length n' (``theory.shifted.context_curve`` rows):
+    the trained model with 2 s.e., its exact loss, and the references tuned per n'."""
+    ns = [r["n"] for r in rows]
+    ax.errorbar(ns, [r["model"] for r in rows], yerr=[2 * r["model_stderr"] for r in rows], fmt="o", color="C0",
+                capsize=3, label="trained model (held-out, 2 s.e.)", zorder=3)
+    if all("exact" in r for r in rows):
+        ax.plot(ns, [r["exact"] for r in rows], "-", color="k", lw=1.2, label="exact loss from its weights")
+    styles = (("ols", "C1", "OLS"), ("bayes", "C3", "Bayes ridge"), ("gd", "C2", "GD, tuned per n'"),
+              ("pgd", "C4", "Sigma^-1-PGD, tuned per n'"))
+    for key, color, name in styles:
+        if all(r.get(key) is not None for r in rows):
+            ax.plot(ns, [r[key] for r in rows], "--", color=color, lw=1, label=name)
+    ax.axvline(trained_n, color="gray", ls=":", lw=1, label="training n")
+    ax.set(xscale="log", yscale="log", xlabel="test-time context length n'", ylabel="held-out loss", title=title)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.grid(alpha=0.3, which="both")
+
+
+def plot_context_length(rows: list[dict], trained_n: int, title: str, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.2, 4.4))
+    context_length_axes(ax, rows, trained_n, title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
