@@ -22,6 +22,9 @@ flags.DEFINE_integer("mc_tasks", 2**18, "Tasks for the Monte-Carlo Gamma* where 
 flags.DEFINE_list("eval_ns", [], "Test-time context lengths (e.g. 2,5,10,20,40,80): the loss-against-n' curve of each "
                   "run (the layers average over n' tokens) beside its exact loss and OLS, ridge, GD, PGD tuned per n'.")
 flags.DEFINE_integer("eval_ns_tasks", 2**15, "Held-out tasks per context length of --eval_ns.")
+flags.DEFINE_boolean("compare_gd", False, "Compare each run with its matching GD construction (von Oswald et al.): "
+                     "prediction and model differences, the loss along the line between the weights and, for tied "
+                     "weights, the layer iterated past its depth (compare_gd.json/png).")
 define_watchdog_flag()
 FLAGS = flags.FLAGS
 
@@ -85,24 +88,34 @@ def main(argv: list[str]) -> None:
     else:
         loaded = {name: icl_gd.load(path) for name, path in runs.items()}
         rows = report.write_folder_report(loaded, out, **kwargs)["runs"]
-    if FLAGS.eval_ns:
+    if FLAGS.eval_ns or FLAGS.compare_gd:
         import json
 
-        from icl_gd.report.figures import plot_context_length
-        from icl_gd.theory import shifted
+        from icl_gd.report.figures import plot_context_length, plot_gd_comparison
+        from icl_gd.theory import compare, shifted
 
-        ns = [int(v) for v in FLAGS.eval_ns]
+        ns = [int(v) for v in FLAGS.eval_ns]  # may be empty
         paths = runs if not _is_run(workdir) else {os.path.basename(os.path.abspath(workdir)): workdir}
         for name, path in paths.items():
             run = icl_gd.load(path)
-            curve = shifted.context_curve(run.config, run.params, ns, FLAGS.eval_ns_tasks, FLAGS.tune_tasks)
             where = out if _is_run(workdir) else os.path.join(out, name)
             os.makedirs(where, exist_ok=True)
-            with open(os.path.join(where, "context_length.json"), "w") as f:
-                json.dump(curve, f, indent=1)
-            plot_context_length(curve, run.config.n, f"{name}: loss against test-time context length",
-                                os.path.join(where, "context_length.png"))
-            print(f"{name}: context-length curve in {os.path.join(where, 'context_length.png')}")
+            if ns:
+                curve = shifted.context_curve(run.config, run.params, ns, FLAGS.eval_ns_tasks, FLAGS.tune_tasks)
+                with open(os.path.join(where, "context_length.json"), "w") as f:
+                    json.dump(curve, f, indent=1)
+                plot_context_length(curve, run.config.n, f"{name}: loss against test-time context length",
+                                    os.path.join(where, "context_length.png"))
+                print(f"{name}: context-length curve in {os.path.join(where, 'context_length.png')}")
+            res = compare.compare(run.config, run.params, num_tune_tasks=FLAGS.tune_tasks) if FLAGS.compare_gd else None
+            if res is not None:
+                with open(os.path.join(where, "compare_gd.json"), "w") as f:
+                    json.dump(res, f, indent=1)
+                plot_gd_comparison(res, f"{name} vs {res['construction']}", os.path.join(where, "compare_gd.png"))
+                print(f"{name}: vs its GD construction: prediction difference {res['prediction_difference']:.4g}, "
+                      f"sensitivity cosine {res['sensitivity_cosine']:.4f} (compare_gd.png)")
+            elif FLAGS.compare_gd:
+                print(f"{name}: no GD construction (softmax attention or key_size < d)")
     for name, s in rows.items():
         rel = "" if s["rel_error"] is None else f"  rel_error {s['rel_error']:.2%}"
         print(f"{name}: loss {s['loss']:.4f}  L* {s['loss_star']:.4f} ({s['loss_over_loss_star']:+.2%}){rel}")

@@ -105,3 +105,28 @@ def test_launch_theory_isotropic_eta_star_and_bad_flags():
     assert abs(res["pgd_loss"] - res["loss_star"]) <= 3 * res["pgd_loss_stderr"]
     bad = launchers.run("launch.theory", "--num_tasks=5", timeout=60)
     assert bad.returncode != 0 and "num_tasks" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_compare_with_gd_construction():
+    """The GD construction compared with itself: no difference, cosine 1, a flat interpolation; a
+    perturbed copy differs; a tied GD layer iterated k times is k GD steps of that size."""
+    import jax.numpy as jnp
+
+    from icl_gd.theory import compare
+
+    cfg = Config(d=3, n=10, noise=0.2, parameterization="sparse", tie_weights=True, depth=2)
+    gd, _ = compare.gd_construction(cfg, num_tune_tasks=2**12)
+    res = compare.compare(cfg, gd, num_tasks=2**12, alphas=3, num_tune_tasks=2**12)
+    assert res["prediction_difference"] < 1e-5 and res["model_difference"] < 1e-5
+    assert res["sensitivity_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert [p["loss"] for p in res["interpolation"]] == pytest.approx([res["loss_gd"]] * 3, rel=1e-5)
+    eta = float(-gd["layers"][0]["W_Q"][0, 0])  # W_Q = [-Gamma^T 0] with Gamma = eta I (isotropic)
+    tasks = compare._heldout(cfg, 2**12)
+    for row in res["iterated"]:
+        k = row["depth"]
+        ref = theory.scaled_pgd_predict(tasks, jnp.full((k,), eta), jnp.eye(3))
+        assert row["loss"] == pytest.approx(float(jnp.mean((ref - tasks.y_query) ** 2)), rel=1e-4)
+    noisy = jax.tree.map(lambda a: a + 0.05, gd)
+    off = compare.compare(cfg, noisy, num_tasks=2**12, alphas=3, num_tune_tasks=2**12)
+    assert off["prediction_difference"] > 1e-3 and off["sensitivity_cosine"] < 1.0
+    assert off["interpolation"][-1]["loss"] == pytest.approx(off["loss_gd"], rel=1e-6)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import textwrap
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
@@ -222,9 +222,10 @@ def context_length_axes(ax, rows: list[dict], trained_n: int, title: str) -> Non
         if all(r.get(key) is not None for r in rows):
             ax.plot(ns, [r[key] for r in rows], "--", color=color, lw=1, label=name)
     ax.axvline(trained_n, color="gray", ls=":", lw=1, label="training n")
-    ax.set(xscale="log", yscale="log", xlabel="test-time context length n'", ylabel="held-out loss", title=title)
+    ax.set(xscale="log", yscale="log", xlabel="test-time context length n'", ylabel="held-out loss")
+    ax.set_title(textwrap.fill(title, 60), fontsize=9)
     ax.set_xticks(ns, [str(n) for n in ns])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.grid(alpha=0.3, which="both")
 
 
@@ -232,6 +233,32 @@ def plot_context_length(rows: list[dict], trained_n: int, title: str, path: str)
     fig, ax = plt.subplots(figsize=(6.2, 4.4))
     context_length_axes(ax, rows, trained_n, title)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_gd_comparison(res: dict, title: str, path: str) -> None:
+    """``theory.compare`` numbers: loss along the line from the trained weights to the GD construction
+    (and, for tied weights, the loss of the layer iterated past its trained depth)."""
+    panels = 2 if "iterated" in res else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.0), squeeze=False)
+    ax = axes[0, 0]
+    line = res["interpolation"]
+    ax.plot([p["alpha"] for p in line], [p["loss"] for p in line], "o-", color="C0")
+    ax.set(xlabel="alpha: (1 - alpha) trained + alpha GD construction", ylabel="held-out loss",
+           title=textwrap.fill(title, 70) + f"\npred. diff {res['prediction_difference']:.3g} (RMS yhat "
+                 f"{res['prediction_rms']:.3g}), sens. cos {res['sensitivity_cosine']:.4f}")
+    ax.title.set_fontsize(8)
+    ax.grid(alpha=0.3)
+    if panels == 2:
+        ax = axes[0, 1]
+        it = res["iterated"]
+        ax.plot([p["depth"] for p in it], [p["loss"] for p in it], "o-", color="C1")
+        ax.set(xlabel="layers (the trained tied layer iterated)", ylabel="held-out loss", yscale="log",
+               title="iterating the trained layer past its depth")
+        ax.title.set_fontsize(8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
