@@ -31,6 +31,7 @@ RECIPES: dict[str, dict[str, Any]] = {"block": {"lr": 0.1, "b2": 0.9, "clip_norm
 
 # Fields that change bookkeeping only, never the trained parameters: a run may be resumed
 # with different values for these.
+MAX_COND = 1e8  # largest --cond: Sigma^-1/2 and the tasks are float32
 OPERATIONAL_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "eval_tasks")
 
 
@@ -165,6 +166,8 @@ class Config:
         _real(self, "init_scale", lo=0.0, strict=True)
         _real(self, "lr", lo=0.0, strict=True)
         _real(self, "cond", lo=1.0)
+        if self.cond > MAX_COND:
+            raise ConfigError("cond", self.cond, f"must be <= {MAX_COND:g} (tasks are drawn in float32)")
         _real(self, "dof", lo=2.0, strict=True)
         if self.covariance == "eigenvalues":
             ev = self.eigenvalues
@@ -172,6 +175,10 @@ class Config:
                 raise ConfigError("eigenvalues", list(ev), f"need exactly d={self.d} values")
             if not all(math.isfinite(v) and v > 0 for v in ev):
                 raise ConfigError("eigenvalues", list(ev), "every eigenvalue must be finite and > 0")
+        elif self.eigenvalues:  # a value nobody reads must not be stored (and NaN != NaN blocks resumes)
+            raise ConfigError("eigenvalues", list(self.eigenvalues), "only --covariance=eigenvalues uses it")
+        if self.warmup_steps and self.schedule != "warmup_cosine":
+            raise ConfigError("warmup_steps", self.warmup_steps, "only --schedule=warmup_cosine uses it")
         if self.weight_decay and self.optimizer != "adamw":
             raise ConfigError("weight_decay", self.weight_decay, "only --optimizer=adamw uses weight decay")
         if self.warmup_steps >= self.steps and self.schedule == "warmup_cosine":

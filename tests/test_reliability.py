@@ -140,6 +140,8 @@ BAD_TRAIN_FLAGS = [
     ("--covariance=eigenvalues --eigenvalues=1,2,3,4,-1", "--eigenvalues"),
     ("--covariance=eigenvalues --eigenvalues=1,x,3,4,5", "--eigenvalues"),
     ("--schedule=warmup_cosine --warmup_steps=5000 --steps=100", "--warmup_steps"),
+    ("--eigenvalues=nan,1,1,1,1", "--eigenvalues"), ("--warmup_steps=10", "--warmup_steps"),
+    ("--covariance=cond --cond=1e300", "--cond"), ("--x_scale=0", "--x_scale"),
     ("--d=abc", "--d"), ("--workdir=/proc/icl-gd-cannot-exist", "--workdir"),
 ]
 

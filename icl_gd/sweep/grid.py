@@ -44,10 +44,10 @@ def parse_covariance(entry: str) -> dict[str, Any]:
     """Config fields for one covariance-axis entry; ``ConfigError`` (field 'covariances') if malformed."""
     entry = entry.strip()
     if entry in ("isotropic", "iso"):
-        return {"covariance": "isotropic"}
+        return {"covariance": "isotropic", "eigenvalues": ()}
     m = re.fullmatch(rf"cond({_NUM})", entry)
     if m:
-        return {"covariance": "cond", "cond": float(m.group(1))}
+        return {"covariance": "cond", "cond": float(m.group(1)), "eigenvalues": ()}
     m = re.fullmatch(rf"eig({_NUM}(?:_{_NUM})*)", entry)
     if m:
         return {"covariance": "eigenvalues", "eigenvalues": tuple(float(v) for v in m.group(1).split("_"))}
