@@ -1,7 +1,7 @@
 """The errors a run can end with (no JAX import: the launchers map them to exit codes cheaply).
 
 ``ConfigError`` / ``ConfigMismatchError`` (bad flags, a workdir of another run) live in
-``icl_gd.config``; these two come from the training loop.
+``icl_gd.config``; these come from the training loop.
 """
 
 
@@ -11,3 +11,7 @@ class NonFiniteLossError(RuntimeError):
 
 class Preempted(RuntimeError):
     """SIGTERM arrived (pre-emption): a checkpoint was saved and the run stopped cleanly."""
+
+
+class RunBusyError(RuntimeError):
+    """Another live process is training in this run folder (one writer per workdir)."""

@@ -26,7 +26,7 @@ from icl_gd import devices, theory, watchdog
 from icl_gd.checkpoint import Checkpointer, check_same_run, write_config
 from icl_gd.config import Config
 from icl_gd.data import Distribution, TaskSpec, distribution, sample_tasks
-from icl_gd.errors import NonFiniteLossError, Preempted  # noqa: F401 - re-exported
+from icl_gd.errors import NonFiniteLossError, Preempted, RunBusyError  # noqa: F401 - re-exported
 from icl_gd.keys import eval_chunks, run_keys
 from icl_gd.loss import task_loss
 from icl_gd.model import Params, init_params
@@ -243,6 +243,18 @@ def _progress_line(members: list[Member], losses: np.ndarray, eval_loss: np.ndar
             f"eval [{np.min(eval_loss[ok]):.4f}, {np.max(eval_loss[ok]):.4f}]  {speed}")
 
 
+def _claim(workdir: str) -> Any:
+    """The run folder's ``RunLock`` (one writer per workdir), or ``RunBusyError`` naming the holder."""
+    from icl_gd.sweep.locks import RunLock
+
+    lock = RunLock(workdir)
+    if not lock.acquire():
+        holder = lock.holder() or {}
+        raise RunBusyError(f"{workdir} is being trained by another process ({holder.get('host')}, pid "
+                           f"{holder.get('pid')}); wait for it to finish or use another --workdir")
+    return lock
+
+
 def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = logging.info,
           until: int | None = None) -> TrainResult:
     """Train (or resume) one run, a one-member ``chunk_loop``; checkpoints go to ``workdir`` when given.
@@ -255,26 +267,30 @@ def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = 
     cfg.validate()
     state = init_state(cfg)
     history: list[dict] = []
-    ckpt = None
+    ckpt = lock = None
     if workdir is not None:
-        check_same_run(workdir, cfg)
-        write_config(workdir, cfg)
-        ckpt = Checkpointer(workdir, keep=cfg.keep_checkpoints)
-        if ckpt.latest_step() is not None:
-            state, _, history = ckpt.restore(state)
-            state = TrainState(*state) if not isinstance(state, TrainState) else state
-            log(f"resumed from step {int(state.step)} in {workdir}")
-    member = Member(cfg, workdir, ckpt, history, int(state.step))
-    keys = run_keys(cfg.seed)
-    stop = cfg.steps if until is None else min(until, cfg.steps)
-    t_start = time.perf_counter()
+        lock = _claim(workdir)
     try:
+        if workdir is not None:
+            check_same_run(workdir, cfg)
+            write_config(workdir, cfg)
+            ckpt = Checkpointer(workdir, keep=cfg.keep_checkpoints)
+            if ckpt.latest_step() is not None:
+                state, _, history = ckpt.restore(state)
+                state = TrainState(*state) if not isinstance(state, TrainState) else state
+                log(f"resumed from step {int(state.step)} in {workdir}")
+        member = Member(cfg, workdir, ckpt, history, int(state.step))
+        keys = run_keys(cfg.seed)
+        stop = cfg.steps if until is None else min(until, cfg.steps)
+        t_start = time.perf_counter()
         with SigtermFlag() as sigterm:
             state = chunk_loop([member], state, distribution(cfg), keys["train"], keys["eval"], _programs(cfg),
                                stop, sigterm, fail_fast=True, log=log)
     finally:
         if ckpt is not None:
             ckpt.close()
+        if lock is not None:
+            lock.release()
     summary = {"steps": int(state.step), "wall_seconds": time.perf_counter() - t_start}
     if history:
         summary["eval_loss"] = history[-1]["eval_loss"]

@@ -12,7 +12,7 @@ from absl import flags, logging
 
 from icl_gd import watchdog
 from icl_gd.config import Config, ConfigError, ConfigMismatchError
-from icl_gd.errors import NonFiniteLossError, Preempted
+from icl_gd.errors import NonFiniteLossError, Preempted, RunBusyError
 
 _DEFINERS = {
     "int": flags.DEFINE_integer,
@@ -105,11 +105,11 @@ EXIT_USAGE, EXIT_RUN_FAILED, EXIT_PREEMPTED = 2, 3, 143  # and watchdog.EXIT_HAN
 @contextlib.contextmanager
 def exit_codes() -> Iterator[None]:
     """The launchers' one error-to-exit-code map, with a one-line message and no traceback:
-    bad flags or a workdir of another run -> 2, a non-finite loss -> 3, SIGTERM -> 143
+    bad flags, a workdir of another run or one another process is training -> 2, a non-finite loss -> 3, SIGTERM -> 143
     (128 + SIGTERM, as schedulers expect of a terminated job; a checkpoint was saved)."""
     try:
         yield
-    except (ConfigError, ConfigMismatchError) as e:
+    except (ConfigError, ConfigMismatchError, RunBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except NonFiniteLossError as e:

@@ -89,6 +89,22 @@ def _cfg(**kw) -> Config:
     return Config(**{**base, **kw})
 
 
+def test_second_trainer_on_a_workdir_is_refused(tmp_path):
+    """One writer per run folder: while one launch.train holds the folder, another exits at once
+    (code 2) naming the holder, and the first finishes untouched."""
+    first = _launch(tmp_path)
+    lock = tmp_path / ".lock"
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    second = launchers.run("launch.train", f"--workdir={tmp_path}", *RUN_FLAGS, timeout=120)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert f"pid {first.pid}" in second.stderr and "another process" in second.stderr
+    assert icl_gd.load(str(tmp_path)).step == 1500
+
+
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     cfg = _cfg()
     reference = train(cfg)
