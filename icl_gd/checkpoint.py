@@ -17,13 +17,13 @@ from typing import IO, TYPE_CHECKING, Any
 from absl import logging
 
 from icl_gd import watchdog
-from icl_gd.config import Config, ConfigMismatchError
+from icl_gd.config import Config, ConfigError, ConfigFileError, ConfigMismatchError
 
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "ConfigMismatchError", "atomic_open", "check_same_run", "read_config", "saved_steps",
-           "write_config"]
+__all__ = ["Checkpointer", "ConfigFileError", "ConfigMismatchError", "atomic_open", "check_same_run", "read_config",
+           "saved_steps", "write_config"]
 
 
 @contextlib.contextmanager
@@ -157,11 +157,23 @@ def write_config(workdir: str, cfg: Config) -> None:
 
 
 def read_config(workdir: str) -> Config | None:
+    """The run's config.json (None when absent); ``ConfigFileError`` naming the file when it cannot be
+    read as a Config (truncated, not JSON, an unknown field)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return Config.from_dict(json.load(f))
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return Config.from_dict(data)
+    except ConfigError as e:
+        raise ConfigFileError(f"{path}: {e.field!r} is an {e.allowed.split(';')[0]}; fix or delete the file "
+                              "(the checkpoints keep their own copy)") from e
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigFileError(f"{path} is damaged ({type(e).__name__}: {_short(e)}); restore or delete it "
+                              "(the checkpoints keep their own copy of the config)") from e
 
 
 def check_same_run(workdir: str, cfg: Config) -> None:

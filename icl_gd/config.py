@@ -47,6 +47,10 @@ class ConfigMismatchError(ValueError):
     """The workdir holds a run trained with a different config."""
 
 
+class ConfigFileError(ValueError):
+    """A config file (a run's config.json) cannot be read as a Config: damaged, or an unknown field."""
+
+
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors absl's argument name
     return dataclasses.field(default=default, metadata={"help": help})
 

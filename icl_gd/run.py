@@ -10,9 +10,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from icl_gd.checkpoint import Checkpointer, read_config
-from icl_gd.config import Config
+from icl_gd.config import Config, ConfigFileError
 from icl_gd.data import covariance_matrix, prior_covariance
 from icl_gd.model import Params, apply
 from icl_gd.train import TrainState, init_state
@@ -74,7 +75,12 @@ def load(workdir: str, step: int | None = None) -> Run:
     ckpt = Checkpointer(workdir, read_only=True)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-    cfg = read_config(workdir) if step is None else None
+    cfg = None
+    if step is None:
+        try:
+            cfg = read_config(workdir)
+        except ConfigFileError as e:
+            logging.warning("%s; using the config stored in the checkpoint", e)
     cfg = cfg or ckpt.restore_config(step)
     template = init_state(cfg)
     state, cfg, history = ckpt.restore(template, step)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from absl import flags, logging
 
 from icl_gd import watchdog
-from icl_gd.config import Config, ConfigError, ConfigMismatchError
+from icl_gd.config import Config, ConfigError, ConfigFileError, ConfigMismatchError
 from icl_gd.errors import NonFiniteLossError, Preempted, RunBusyError
 
 _DEFINERS = {
@@ -109,7 +109,7 @@ def exit_codes() -> Iterator[None]:
     (128 + SIGTERM, as schedulers expect of a terminated job; a checkpoint was saved)."""
     try:
         yield
-    except (ConfigError, ConfigMismatchError, RunBusyError) as e:
+    except (ConfigError, ConfigFileError, ConfigMismatchError, RunBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except NonFiniteLossError as e:

@@ -105,6 +105,29 @@ def test_second_trainer_on_a_workdir_is_refused(tmp_path):
     assert icl_gd.load(str(tmp_path)).step == 1500
 
 
+DAMAGED_CONFIGS = [("truncated", '{"d": 5, "n": 2'), ("random bytes", "\x00\xff\x13garbage"), ("empty", ""),
+                   ("not an object", "[1, 2]"), ("unknown field", '{"d": 5, "banana": 1}')]
+
+
+@pytest.mark.parametrize("kind,text", DAMAGED_CONFIGS)
+def test_damaged_config_json_gives_one_line_and_load_falls_back(straight, tmp_path, kind, text):
+    """A damaged config.json: launch.train stops with one line naming the file (exit 2, nothing
+    written); icl_gd.load warns and uses the checkpoint's own copy of the config."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir)
+    (workdir / "config.json").write_text(text, errors="surrogateescape")
+    out = launchers.run("launch.train", f"--workdir={workdir}", *RUN_FLAGS, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr and "config.json" in lines[-1], out.stderr[-2000:]
+    if kind == "unknown field":
+        assert "banana" in lines[-1]
+    run = icl_gd.load(str(workdir))
+    assert run.step == 1500 and run.config == icl_gd.load(str(straight)).config
+
+
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     cfg = _cfg()
     reference = train(cfg)
