@@ -18,6 +18,7 @@ from absl import logging
 
 from icl_gd import watchdog
 from icl_gd.config import Config, ConfigError, ConfigFileError, ConfigMismatchError
+from icl_gd.errors import UnreadableRunError
 
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp
@@ -70,12 +71,51 @@ def _manager(workdir: str, keep: int | None = None, read_only: bool = False) -> 
     )
 
 
+# The JSON files of a step that orbax parses (the manager reads every step's metrics when it opens).
+_JSON_FILES = ("_CHECKPOINT_METADATA", "metrics/metrics", "config/metadata")
+
+
+def quarantine(workdir: str, step: int, why: str) -> str:
+    """Move ``checkpoints/<step>`` to ``corrupt/<step>`` (kept, never deleted) with one warning line."""
+    src = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+    dst = os.path.join(os.path.abspath(workdir), "corrupt", str(step))
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.move(src, dst)
+    logging.warning("checkpoint step %d in %s is unreadable (%s); moved it to %s", step, workdir, why, dst)
+    return dst
+
+
+def quarantine_unreadable_json(workdir: str) -> list[int]:
+    """Move aside every step whose JSON items do not parse, before orbax opens the folder (it would
+    fail on them, even on an old step); returns the steps moved."""
+    moved = []
+    for step in saved_steps(workdir):
+        for rel in _JSON_FILES:
+            path = os.path.join(workdir, "checkpoints", str(step), rel)
+            try:
+                with open(path, "rb") as f:
+                    json.loads(f.read().decode())
+            except FileNotFoundError:
+                continue  # orbax tolerates a missing metrics item; a missing state is caught on restore
+            except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                quarantine(workdir, step, f"{rel}: {type(e).__name__}")
+                moved.append(step)
+                break
+    return moved
+
+
 class Checkpointer:
-    """Saves and restores one run's checkpoints (a thin, typed face over orbax)."""
+    """Saves and restores one run's checkpoints (a thin, typed face over orbax).
+
+    Opening it first moves aside steps whose JSON items are damaged (``quarantine_unreadable_json``),
+    so an old unreadable step never blocks a run; ``restore`` does the same for unreadable states.
+    """
 
     def __init__(self, workdir: str, keep: int | None = None, read_only: bool = False):
         self.workdir = workdir
         self._read_only = read_only
+        self.moved = quarantine_unreadable_json(workdir)
         self._mgr = _manager(workdir, keep, read_only)
 
     def latest_step(self) -> int | None:
@@ -118,21 +158,13 @@ class Checkpointer:
                     return self._restore(template, candidate)
                 except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
                     self._quarantine(candidate, e)
-        raise FileNotFoundError(f"no readable checkpoint under {self.workdir}/checkpoints")
+        moved = f"; moved the unreadable steps {sorted(self.moved)} to {self.workdir}/corrupt" if self.moved else ""
+        raise UnreadableRunError(f"no readable checkpoint under {self.workdir}/checkpoints{moved}")
 
     def _quarantine(self, step: int, error: Exception) -> None:
-        src = os.path.join(os.path.abspath(self.workdir), "checkpoints", str(step))
-        dst = os.path.join(os.path.abspath(self.workdir), "corrupt", str(step))
-        if self._read_only:
-            logging.warning("checkpoint step %d in %s is unreadable (%s); using an older one", step, self.workdir,
-                            _short(error))
-            return
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.move(src, dst)
+        quarantine(self.workdir, step, _short(error))
+        self.moved.append(step)
         self._mgr.reload()
-        logging.warning("checkpoint step %d in %s is unreadable (%s); moved it to %s and fell back to an "
-                        "older one", step, self.workdir, _short(error), dst)
 
     def _restore(self, template: Any, step: int) -> tuple[Any, Config, list[dict]]:
         ocp = _ocp()

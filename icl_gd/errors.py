@@ -15,3 +15,7 @@ class Preempted(RuntimeError):
 
 class RunBusyError(RuntimeError):
     """Another live process is training in this run folder (one writer per workdir)."""
+
+
+class UnreadableRunError(FileNotFoundError):
+    """Every checkpoint of a run folder is unreadable (each was moved to ``corrupt/``, none deleted)."""

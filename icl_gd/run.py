@@ -15,6 +15,7 @@ from absl import logging
 from icl_gd.checkpoint import Checkpointer, read_config
 from icl_gd.config import Config, ConfigFileError
 from icl_gd.data import covariance_matrix, prior_covariance
+from icl_gd.errors import UnreadableRunError
 from icl_gd.model import Params, apply
 from icl_gd.train import TrainState, init_state
 
@@ -74,7 +75,8 @@ def load(workdir: str, step: int | None = None) -> Run:
     """Load the latest (or the given) checkpoint of the run in ``workdir``."""
     ckpt = Checkpointer(workdir, read_only=True)
     if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+        moved = f"; moved the unreadable steps {sorted(ckpt.moved)} to {workdir}/corrupt" if ckpt.moved else ""
+        raise UnreadableRunError(f"no checkpoint under {workdir}/checkpoints{moved}")
     cfg = None
     if step is None:
         try:

@@ -26,7 +26,7 @@ from icl_gd import devices, theory, watchdog
 from icl_gd.checkpoint import Checkpointer, check_same_run, write_config
 from icl_gd.config import Config
 from icl_gd.data import Distribution, TaskSpec, distribution, sample_tasks
-from icl_gd.errors import NonFiniteLossError, Preempted, RunBusyError  # noqa: F401 - re-exported
+from icl_gd.errors import NonFiniteLossError, Preempted, RunBusyError, UnreadableRunError  # noqa: F401
 from icl_gd.keys import eval_chunks, run_keys
 from icl_gd.loss import task_loss
 from icl_gd.model import Params, init_params
@@ -275,6 +275,10 @@ def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = 
             check_same_run(workdir, cfg)
             write_config(workdir, cfg)
             ckpt = Checkpointer(workdir, keep=cfg.keep_checkpoints)
+            if ckpt.moved and ckpt.latest_step() is None:  # never silently start over on a damaged run
+                raise UnreadableRunError(f"no readable checkpoint under {workdir}/checkpoints; moved the unreadable "
+                                         f"steps {sorted(ckpt.moved)} to {workdir}/corrupt (inspect them, or delete "
+                                         "the folder to start over)")
             if ckpt.latest_step() is not None:
                 state, _, history = ckpt.restore(state)
                 state = TrainState(*state) if not isinstance(state, TrainState) else state

@@ -12,7 +12,7 @@ from absl import flags, logging
 
 from icl_gd import watchdog
 from icl_gd.config import Config, ConfigError, ConfigFileError, ConfigMismatchError
-from icl_gd.errors import NonFiniteLossError, Preempted, RunBusyError
+from icl_gd.errors import NonFiniteLossError, Preempted, RunBusyError, UnreadableRunError
 
 _DEFINERS = {
     "int": flags.DEFINE_integer,
@@ -109,7 +109,7 @@ def exit_codes() -> Iterator[None]:
     (128 + SIGTERM, as schedulers expect of a terminated job; a checkpoint was saved)."""
     try:
         yield
-    except (ConfigError, ConfigFileError, ConfigMismatchError, RunBusyError) as e:
+    except (ConfigError, ConfigFileError, ConfigMismatchError, RunBusyError, UnreadableRunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except NonFiniteLossError as e:

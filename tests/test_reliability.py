@@ -128,6 +128,29 @@ def test_damaged_config_json_gives_one_line_and_load_falls_back(straight, tmp_pa
     assert run.step == 1500 and run.config == icl_gd.load(str(straight)).config
 
 
+@pytest.mark.parametrize("item", ["metrics/metrics", "config/metadata", "_CHECKPOINT_METADATA"])
+def test_damaged_json_item_of_an_old_step_never_blocks_the_run(straight, tmp_path, item):
+    """Garbage in a JSON item of an OLD step (orbax reads every step's metrics when it opens a
+    folder): load, analyze and resume still work from the newest step; the damaged step is moved
+    to corrupt/<step>, not deleted. Every step damaged: one error line naming the folder."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir)
+    steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    (workdir / "checkpoints" / str(steps[0]) / item).write_bytes(b"\x00garbage{")
+    run = icl_gd.load(str(workdir))
+    assert run.step == steps[-1]
+    assert (workdir / "corrupt" / str(steps[0]) / item).exists()
+    assert not (workdir / "checkpoints" / str(steps[0])).exists()
+    for step in steps[1:]:
+        (workdir / "checkpoints" / str(step) / item).write_bytes(b"")
+    out = launchers.run("launch.train", f"--workdir={workdir}", *RUN_FLAGS, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert str(workdir) in out.stderr.strip().splitlines()[-1] and "corrupt" in out.stderr
+    assert sorted(int(s) for s in os.listdir(workdir / "corrupt")) == steps
+
+
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     cfg = _cfg()
     reference = train(cfg)
