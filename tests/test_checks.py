@@ -44,3 +44,11 @@ def test_train_seconds_shares_a_group_call_among_its_members():
     assert train_seconds(single) == 4.0  # 100 / 50 + 200 / 100
     grouped = [dict(r, group_size=4) for r in single]
     assert train_seconds(grouped) == 1.0
+
+
+def test_a_judged_experiment_without_checks_does_not_pass():
+    from icl_gd.experiments.base import Outcome
+
+    assert not Outcome("x", "claim", [], [], "fig.png", reported_only=False).passed
+    assert Outcome("x", "claim", [], [], "fig.png", reported_only=True).passed
+    assert Outcome("x", "claim", [Check("c", 1.0, 1.0, 0.01)], [], "fig.png", reported_only=False).passed

@@ -1,6 +1,7 @@
 """End-to-end training: the 1-layer optimum, checkpoints, exact resume, the NaN guard."""
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -72,12 +73,15 @@ def test_different_config_is_refused_but_bookkeeping_may_change(tmp_path, tiny):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = Config(d=3, n=5, batch_size=32, steps=400, log_every=50, checkpoint_every=50, eval_tasks=64,
-                 lr=1e4, optimizer="sgd", schedule="constant", init_scale=1.0)
+    # The warm-up ramps the step size from 0 to 0.3: sane at first (checkpoints get written), then it diverges.
+    cfg = Config(d=3, n=5, batch_size=32, steps=400, log_every=25, checkpoint_every=25, eval_tasks=64,
+                 lr=0.3, optimizer="sgd", schedule="warmup_cosine", warmup_steps=300)
     with pytest.raises(NonFiniteLossError, match="lower --lr") as err:
         train(cfg, str(tmp_path))
     run_steps = icl_gd.checkpoint.Checkpointer(str(tmp_path), read_only=True).all_steps()
-    assert "last good checkpoint kept" in str(err.value)
+    bad_step = int(re.search(r"non-finite training loss at step (\d+)", str(err.value)).group(1))
+    assert run_steps and max(run_steps) <= bad_step < cfg.steps
+    assert f"last good checkpoint kept: step {max(run_steps)}" in str(err.value)
     for step in run_steps:
         params = icl_gd.load(str(tmp_path), step=step).params
         assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))

@@ -62,7 +62,8 @@ class Outcome:
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        """Every check passed, and a judged experiment has checks at all (no checks is no evidence)."""
+        return (self.reported_only or bool(self.checks)) and all(c.passed for c in self.checks)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "claim": self.claim, "checks": [c.to_dict() for c in self.checks],
