@@ -9,8 +9,9 @@ seeds): the vmapped side is ``sweep.make_group_fns(rep).chunk`` (what ``launch.s
 the sequential side is the single-run program of ``train.train`` (jit of
 ``make_train_chunk`` with donated state) called once per member; it compiles once, since the
 members differ only in arguments. Compile time is measured separately (``lower().compile()``)
-and excluded from the step timings; each timing is the median of ``--repeats`` runs, and the
-outputs are blocked on before the clock stops. With several devices (e.g. host CPU devices
+and excluded from the step timings; each timing is the median of ``--repeats`` runs (the two sides
+alternate run by run, so both see the same load), and the outputs are blocked on before the clock
+stops. With several devices (e.g. host CPU devices
 forced by XLA_FLAGS) a third timing shards the vmapped members over them (``devices.member_mesh``).
 """
 
