@@ -21,7 +21,10 @@ flags.DEFINE_integer("tune_tasks", 2**15, "Tasks the baselines' step sizes are t
 flags.DEFINE_integer("mc_tasks", 2**18, "Tasks for the Monte-Carlo Gamma* where no closed form exists.")
 flags.DEFINE_list("eval_ns", [], "Test-time context lengths (e.g. 2,5,10,20,40,80): the loss-against-n' curve of each "
                   "run (the layers average over n' tokens) beside its exact loss and OLS, ridge, GD, PGD tuned per n'.")
-flags.DEFINE_integer("eval_ns_tasks", 2**15, "Held-out tasks per context length of --eval_ns.")
+flags.DEFINE_integer("eval_ns_tasks", 2**15, "Held-out tasks per point of --eval_ns and the shift curves.")
+flags.DEFINE_list("eval_x_scales", [], "Stretches of x at test time (e.g. 0.5,1,2): loss against x_scale (shifts.png).")
+flags.DEFINE_list("eval_w_scales", [], "Stretches of w at test time (e.g. 0.5,1,2): loss against w_scale.")
+flags.DEFINE_list("eval_conds", [], "Condition numbers of a rotated test-time Sigma (e.g. 1,10,100): loss vs cond.")
 flags.DEFINE_boolean("compare_gd", False, "Compare each run with its matching GD construction (von Oswald et al.): "
                      "prediction and model differences, the loss along the line between the weights and, for tied "
                      "weights, the layer iterated past its depth (compare_gd.json/png).")
@@ -64,6 +67,14 @@ def check_flags() -> dict[str, str]:
             raise ConfigError(name, FLAGS[name].value, f"must be an integer >= {lo}")
     if not all(v.isdigit() and int(v) >= 1 for v in FLAGS.eval_ns):
         raise ConfigError("eval_ns", ",".join(FLAGS.eval_ns), "must be comma-separated integers >= 1")
+    for name, rule, allowed in (("eval_x_scales", lambda v: v > 0, "> 0"), ("eval_w_scales", lambda v: v > 0, "> 0"),
+                                ("eval_conds", lambda v: 1 <= v <= 1e8, "in [1, 1e8]")):
+        try:
+            ok = all(rule(float(v)) for v in FLAGS[name].value)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(name, ",".join(FLAGS[name].value), f"must be comma-separated numbers {allowed}")
     start_watchdog()
     return runs
 
@@ -88,10 +99,12 @@ def main(argv: list[str]) -> None:
     else:
         loaded = {name: icl_gd.load(path) for name, path in runs.items()}
         rows = report.write_folder_report(loaded, out, **kwargs)["runs"]
-    if FLAGS.eval_ns or FLAGS.compare_gd:
+    shifts = {"x_scale": FLAGS.eval_x_scales, "w_scale": FLAGS.eval_w_scales, "cond": FLAGS.eval_conds}
+    shifts = {field: [float(v) for v in values] for field, values in shifts.items() if values}
+    if FLAGS.eval_ns or FLAGS.compare_gd or shifts:
         import json
 
-        from icl_gd.report.figures import plot_context_length, plot_gd_comparison
+        from icl_gd.report.figures import plot_context_length, plot_gd_comparison, plot_shift_curves
         from icl_gd.theory import compare, shifted
 
         ns = [int(v) for v in FLAGS.eval_ns]  # may be empty
@@ -107,6 +120,17 @@ def main(argv: list[str]) -> None:
                 plot_context_length(curve, run.config.n, f"{name}: loss against test-time context length",
                                     os.path.join(where, "context_length.png"))
                 print(f"{name}: context-length curve in {os.path.join(where, 'context_length.png')}")
+            if shifts:
+                curves = {}
+                for field, values in shifts.items():
+                    fixed = {"covariance": "cond", "rotate": True} if field == "cond" else {}
+                    trained = getattr(run.config, field) if field != "cond" or run.config.covariance == "cond" else 1.0
+                    curves[field] = (shifted.shift_curve(run.config, run.params, field, values, FLAGS.eval_ns_tasks,
+                                                         FLAGS.tune_tasks, **fixed), trained)
+                with open(os.path.join(where, "shifts.json"), "w") as f:
+                    json.dump({k: v[0] for k, v in curves.items()}, f, indent=1)
+                plot_shift_curves(curves, name, os.path.join(where, "shifts.png"))
+                print(f"{name}: shift curves in {os.path.join(where, 'shifts.png')}")
             res = compare.compare(run.config, run.params, num_tune_tasks=FLAGS.tune_tasks) if FLAGS.compare_gd else None
             if res is not None:
                 with open(os.path.join(where, "compare_gd.json"), "w") as f:

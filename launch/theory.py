@@ -8,7 +8,10 @@ Takes every Config flag (d, n, covariance, weight prior, noise, target, depth, p
   2023, Thm. 2 with any Omega; ``theory.gamma_star``) where x is Gaussian and the target linear,
   else Gamma* by Monte Carlo (normal equations on ``--num_tasks`` tasks) and its loss on held-out tasks;
 * for any depth L: the tuned L-step GD and Sigma^-1-preconditioned GD step sizes and losses
-  (``theory.optimal_step_sizes``: L-BFGS on a fixed Monte-Carlo sample; k = 1 in closed form);
+  (``theory.optimal_step_sizes``: L-BFGS on a fixed Monte-Carlo sample of tasks; k = 1 in closed
+  form) and, where the prior is whitened (w ~ N(0, Sigma^-1), or Sigma = I), the PGD optimum from
+  the Wishart-spectrum polynomial (``general_form``: the task average done exactly, the spectra
+  sampled), ``pgd_steps_wishart`` / ``pgd_loss_wishart``;
 * for --parameterization=block (or L > 1 with a whitened prior): Ahn et al.'s general form at
   its (a_l, b_l) optimum (``theory.general_form``).
 
@@ -63,6 +66,11 @@ def theory_numbers(cfg: Any, num_tasks: int) -> dict[str, Any]:
         out[f"{tag}_steps"] = [float(e) for e in steps]
         preds.append(baselines.Predictor(tag, theory.scaled_pgd_predict, (jnp.asarray(steps, jnp.float32),
                                                                            jnp.asarray(precond, jnp.float32))))
+    if general_form.has_general_form_optimum(cfg):
+        # Whitened prior: the L-step PGD optimum from the Wishart-spectrum polynomial (the GD part of the
+        # general form's fit, b = 0), against which the task-sample tuning above can be read.
+        opt = general_form.config_general_form_optimum(cfg, min(num_tasks, 2**15))
+        out["pgd_steps_wishart"], out["pgd_loss_wishart"] = list(opt.gd_steps), opt.gd_loss
     if general_form.has_general_form_optimum(cfg) and (cfg.depth > 1 or cfg.parameterization == "block"):
         info: dict[str, dict] = {}
         preds += baselines.baseline_predictors_general(cfg, info, min(num_tasks, 2**15))
@@ -91,6 +99,10 @@ def as_text(res: dict[str, Any]) -> str:
         steps = ", ".join(f"{e:.4g}" for e in res[f"{tag}_steps"])
         lines.append(f"{cfg['depth']}-step {name}: steps [{steps}], loss {res[f'{tag}_loss']:.6g} "
                      f"+- {res[f'{tag}_loss_stderr']:.2g}")
+    if "pgd_steps_wishart" in res:
+        steps = ", ".join(f"{e:.4g}" for e in res["pgd_steps_wishart"])
+        lines.append(f"{cfg['depth']}-step Sigma^-1-PGD from the Wishart polynomial: steps [{steps}], "
+                     f"loss {res['pgd_loss_wishart']:.6g}")
     if "general_form" in res:
         g = res["general_form"]
         lines.append(f"general form (a_l, b_l) optimum: a = {[round(v, 4) for v in g['a']]}, "

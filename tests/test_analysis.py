@@ -151,7 +151,8 @@ def _analyze(*args: str) -> subprocess.CompletedProcess:
 def test_launch_analyze_end_to_end(trained_run):
     workdir, _ = trained_run
     proc = _analyze(f"--workdir={workdir}", "--tune_tasks=4096", "--max_steps=2", "--eval_ns=3,40",
-                    "--eval_ns_tasks=8192", "--compare_gd")
+                    "--eval_ns_tasks=8192", "--compare_gd",
+                    "--eval_x_scales=0.5,2", "--eval_conds=1,30")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = os.path.join(workdir, "analysis")
     with open(os.path.join(out, "context_length.json")) as f:
@@ -165,6 +166,12 @@ def test_launch_analyze_end_to_end(trained_run):
         cmp = json.load(f)
     assert cmp["sensitivity_cosine"] > 0.99 and cmp["prediction_difference"] < 0.2 * cmp["prediction_rms"]
     assert len(cmp["interpolation"]) == 11
+    with open(os.path.join(out, "shifts.json")) as f:
+        shifts = json.load(f)
+    assert [r["x_scale"] for r in shifts["x_scale"]] == [0.5, 2.0] and [r["cond"] for r in shifts["cond"]] == [1, 30]
+    for rows in shifts.values():  # a one-layer model off its distribution: still its closed-form loss
+        for r in rows:
+            assert abs(r["model"] - r["exact"]) <= max(0.03 * r["exact"], 3 * r["model_stderr"]), r
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     for key in ("loss", "loss_star", "gamma_learned", "gamma_star", "rel_error", "baselines"):
@@ -173,7 +180,8 @@ def test_launch_analyze_end_to_end(trained_run):
     assert np.asarray(summary["gamma_learned"]).shape == (D, D)
     assert {"zero", "ols", "bayes", "gd_1", "gd_2", "pgd_1", "pgd_2", "one_layer_opt"} <= set(summary["baselines"])
     assert summary["baselines"]["bayes"]["loss"] < summary["loss"] < summary["baselines"]["zero"]["loss"]
-    for png in ("training.png", "gamma.png", "weights.png", "context_length.png", "compare_gd.png"):
+    for png in ("training.png", "gamma.png", "weights.png", "context_length.png", "compare_gd.png",
+                "shifts.png"):
         with open(os.path.join(out, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(os.path.join(out, "report.md")) as f:

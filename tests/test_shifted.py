@@ -91,6 +91,9 @@ def test_launch_theory_matches_the_closed_forms(theory_json):
     assert res["one_layer_source"] == "closed_form"
     # Two tuned PGD steps beat the best single layer (Monte Carlo, with its standard error).
     assert len(res["pgd_steps"]) == 2 and res["pgd_loss"] < res["loss_star"] - 3 * res["pgd_loss_stderr"]
+    # The two PGD tunings (task sample; Wishart polynomial) agree.
+    assert sorted(res["pgd_steps_wishart"]) == pytest.approx(sorted(res["pgd_steps"]), rel=0.1)
+    assert abs(res["pgd_loss_wishart"] - res["pgd_loss"]) <= 4 * res["pgd_loss_stderr"]
     # The general form's optimum is at least as good as PGD (it contains it: b = 0).
     g = res["general_form"]
     assert len(g["a"]) == len(g["b"]) == 2 and g["loss"] <= res["pgd_loss"] + 3 * g["stderr"]

@@ -208,25 +208,43 @@ def general_form_heatmaps(axes: np.ndarray, summary: dict, sigma: np.ndarray) ->
                  f"resid {g['b_residual'][col]:.3f}", names, names)
 
 
-def context_length_axes(ax, rows: list[dict], trained_n: int, title: str) -> None:
-    """Held-out loss against the test-time context length n' (``theory.shifted.context_curve`` rows):
-    the trained model with 2 s.e., its exact loss, and the references tuned per n'."""
-    ns = [r["n"] for r in rows]
-    ax.errorbar(ns, [r["model"] for r in rows], yerr=[2 * r["model_stderr"] for r in rows], fmt="o", color="C0",
+def shift_axes(ax, rows: list[dict], field: str, trained: float, title: str, xlabel: str) -> None:
+    """Held-out loss against a task field (``theory.shifted.shift_curve`` rows): the trained model
+    with 2 s.e., its exact loss where one exists, and the references tuned per value."""
+    xs = [r[field] for r in rows]
+    ax.errorbar(xs, [r["model"] for r in rows], yerr=[2 * r["model_stderr"] for r in rows], fmt="o", color="C0",
                 capsize=3, label="trained model (held-out, 2 s.e.)", zorder=3)
     if all("exact" in r for r in rows):
-        ax.plot(ns, [r["exact"] for r in rows], "-", color="k", lw=1.2, label="exact loss from its weights")
-    styles = (("ols", "C1", "OLS"), ("bayes", "C3", "Bayes ridge"), ("gd", "C2", "GD, tuned per n'"),
-              ("pgd", "C4", "Sigma^-1-PGD, tuned per n'"))
+        ax.plot(xs, [r["exact"] for r in rows], "-", color="k", lw=1.2, label="exact loss from its weights")
+    styles = (("ols", "C1", "OLS"), ("bayes", "C3", "Bayes ridge"), ("gd", "C2", "GD, tuned per value"),
+              ("pgd", "C4", "Sigma^-1-PGD, tuned per value"))
     for key, color, name in styles:
         if all(r.get(key) is not None for r in rows):
-            ax.plot(ns, [r[key] for r in rows], "--", color=color, lw=1, label=name)
-    ax.axvline(trained_n, color="gray", ls=":", lw=1, label="training n")
-    ax.set(xscale="log", yscale="log", xlabel="test-time context length n'", ylabel="held-out loss")
+            ax.plot(xs, [r[key] for r in rows], "--", color=color, lw=1, label=name)
+    ax.axvline(trained, color="gray", ls=":", lw=1, label="training value")
+    positive = all(x > 0 for x in xs)
+    ax.set(xscale="log" if positive else "linear", yscale="log", xlabel=xlabel, ylabel="held-out loss")
     ax.set_title(textwrap.fill(title, 60), fontsize=9)
-    ax.set_xticks(ns, [str(n) for n in ns])
-    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    if positive:
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.grid(alpha=0.3, which="both")
+
+
+def context_length_axes(ax, rows: list[dict], trained_n: int, title: str) -> None:
+    """``shift_axes`` over the test-time context length n'."""
+    shift_axes(ax, rows, "n", trained_n, title, "test-time context length n'")
+
+
+def plot_shift_curves(curves: dict[str, tuple[list[dict], float]], title: str, path: str) -> None:
+    """One panel per shifted field: {field: (rows, training value)}."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4.4), squeeze=False)
+    for ax, (field, (rows, trained)) in zip(axes.flat, curves.items(), strict=True):
+        shift_axes(ax, rows, field, trained, f"{title}: {field}", field)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_context_length(rows: list[dict], trained_n: int, title: str, path: str) -> None:

@@ -71,21 +71,28 @@ def exact_loss(cfg: Config, params: Params) -> tuple[float, float, str] | None:
     return None
 
 
-def context_curve(cfg: Config, params: Params, ns: Sequence[int], num_tasks: int = 2**15,
-                  num_tune_tasks: int = 2**13) -> list[dict[str, Any]]:
-    """One row per test-time context length n': the model's loss (mean, s.e., median), its exact
-    loss where one exists, and OLS, Bayes ridge, GD and PGD with depth-many steps tuned for n'."""
+def shift_curve(cfg: Config, params: Params, field: str, values: Sequence[Any], num_tasks: int = 2**15,
+                num_tune_tasks: int = 2**13, **fixed: Any) -> list[dict[str, Any]]:
+    """One row per value of the task field ``field`` (e.g. "n", "x_scale", "w_scale", "noise", "cond"
+    with ``covariance="cond"`` in ``fixed``): the model's loss (mean, s.e., median), its exact loss where
+    one exists, and OLS, Bayes ridge, GD and PGD with depth-many steps tuned for that distribution."""
     rows = []
-    for n in ns:
-        res = evaluate(cfg, params, num_tasks, num_tune_tasks=num_tune_tasks, n=n)
+    for value in values:
+        res = evaluate(cfg, params, num_tasks, num_tune_tasks=num_tune_tasks, **{**fixed, field: value})
         k = cfg.depth
-        row = {"n": n, "model": res["model"]["loss"], "model_stderr": res["model"]["stderr"],
+        row = {field: value, "model": res["model"]["loss"], "model_stderr": res["model"]["stderr"],
                "model_median": res["model"]["median"], "ols": res["ols"]["loss"], "gd": res[f"gd_{k}"]["loss"],
                "pgd": res[f"pgd_{k}"]["loss"], "bayes": res["bayes"]["loss"] if "bayes" in res else None}
         if "exact" in res:
             row.update(exact=res["exact"]["loss"], exact_stderr=res["exact"]["stderr"])
         rows.append(row)
     return rows
+
+
+def context_curve(cfg: Config, params: Params, ns: Sequence[int], num_tasks: int = 2**15,
+                  num_tune_tasks: int = 2**13) -> list[dict[str, Any]]:
+    """``shift_curve`` over the test-time context length n'."""
+    return shift_curve(cfg, params, "n", ns, num_tasks, num_tune_tasks)
 
 
 def evaluate(cfg: Config, params: Params, num_tasks: int | None = None, references: bool = True,
