@@ -58,12 +58,15 @@ def params_of(workdir: str) -> list[np.ndarray]:
 # Pure grid logic.
 # ---------------------------------------------------------------------------------------
 def test_covariance_syntax_round_trips():
-    assert sweep.parse_covariance("isotropic") == {"covariance": "isotropic"}
-    assert sweep.parse_covariance("cond1e3") == {"covariance": "cond", "cond": 1000.0}
+    # isotropic and cond entries clear the eigenvalues (a field only covariance=eigenvalues may set)
+    assert sweep.parse_covariance("isotropic") == {"covariance": "isotropic", "eigenvalues": ()}
+    assert sweep.parse_covariance("cond1e3") == {"covariance": "cond", "cond": 1000.0, "eigenvalues": ()}
     assert sweep.parse_covariance("eig1_0.5") == {"covariance": "eigenvalues", "eigenvalues": (1.0, 0.5)}
+    eig_base = dataclasses.replace(base(), covariance="eigenvalues", eigenvalues=(1.0, 0.5))
     for entry in ("isotropic", "cond10", "cond2.5", "eig1_0.5"):
         cfg = dataclasses.replace(base(), **sweep.parse_covariance(entry))
         assert sweep.covariance_label(cfg) == entry
+        dataclasses.replace(eig_base, **sweep.parse_covariance(entry)).validate()
     for bad in ("cond", "condx", "eig", "eig1,2", "spiked"):
         with pytest.raises(ConfigError) as e:
             sweep.parse_covariance(bad)
