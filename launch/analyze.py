@@ -96,50 +96,18 @@ def main(argv: list[str]) -> None:
         run = icl_gd.load(workdir)
         summary = report.write_run_report(run, out, max_steps=FLAGS.max_steps or None, **kwargs)
         rows = {os.path.basename(os.path.abspath(workdir)): summary}
+        loaded = {os.path.basename(os.path.abspath(workdir)): run}
     else:
         loaded = {name: icl_gd.load(path) for name, path in runs.items()}
         rows = report.write_folder_report(loaded, out, **kwargs)["runs"]
     shifts = {"x_scale": FLAGS.eval_x_scales, "w_scale": FLAGS.eval_w_scales, "cond": FLAGS.eval_conds}
     shifts = {field: [float(v) for v in values] for field, values in shifts.items() if values}
     if FLAGS.eval_ns or FLAGS.compare_gd or shifts:
-        import json
-
-        from icl_gd.report.figures import plot_context_length, plot_gd_comparison, plot_shift_curves
-        from icl_gd.theory import compare, shifted
-
-        ns = [int(v) for v in FLAGS.eval_ns]  # may be empty
-        paths = runs if not _is_run(workdir) else {os.path.basename(os.path.abspath(workdir)): workdir}
-        for name, path in paths.items():
-            run = icl_gd.load(path)
+        for name, run in loaded.items():
             where = out if _is_run(workdir) else os.path.join(out, name)
-            os.makedirs(where, exist_ok=True)
-            if ns:
-                curve = shifted.context_curve(run.config, run.params, ns, FLAGS.eval_ns_tasks, FLAGS.tune_tasks)
-                with open(os.path.join(where, "context_length.json"), "w") as f:
-                    json.dump(curve, f, indent=1)
-                plot_context_length(curve, run.config.n, f"{name}: loss against test-time context length",
-                                    os.path.join(where, "context_length.png"))
-                print(f"{name}: context-length curve in {os.path.join(where, 'context_length.png')}")
-            if shifts:
-                curves = {}
-                for field, values in shifts.items():
-                    fixed = {"covariance": "cond", "rotate": True} if field == "cond" else {}
-                    trained = getattr(run.config, field) if field != "cond" or run.config.covariance == "cond" else 1.0
-                    curves[field] = (shifted.shift_curve(run.config, run.params, field, values, FLAGS.eval_ns_tasks,
-                                                         FLAGS.tune_tasks, **fixed), trained)
-                with open(os.path.join(where, "shifts.json"), "w") as f:
-                    json.dump({k: v[0] for k, v in curves.items()}, f, indent=1)
-                plot_shift_curves(curves, name, os.path.join(where, "shifts.png"))
-                print(f"{name}: shift curves in {os.path.join(where, 'shifts.png')}")
-            res = compare.compare(run.config, run.params, num_tune_tasks=FLAGS.tune_tasks) if FLAGS.compare_gd else None
-            if res is not None:
-                with open(os.path.join(where, "compare_gd.json"), "w") as f:
-                    json.dump(res, f, indent=1)
-                plot_gd_comparison(res, f"{name} vs {res['construction']}", os.path.join(where, "compare_gd.png"))
-                print(f"{name}: vs its GD construction: prediction difference {res['prediction_difference']:.4g}, "
-                      f"sensitivity cosine {res['sensitivity_cosine']:.4f} (compare_gd.png)")
-            elif FLAGS.compare_gd:
-                print(f"{name}: no GD construction (softmax attention or key_size < d)")
+            for line in report.write_off_distribution(run, where, name, [int(v) for v in FLAGS.eval_ns], shifts,
+                                                      FLAGS.compare_gd, FLAGS.eval_ns_tasks, FLAGS.tune_tasks):
+                print(line)
     for name, s in rows.items():
         rel = "" if s["rel_error"] is None else f"  rel_error {s['rel_error']:.2%}"
         print(f"{name}: loss {s['loss']:.4f}  L* {s['loss_star']:.4f} ({s['loss_over_loss_star']:+.2%}){rel}")

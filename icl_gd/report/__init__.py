@@ -17,8 +17,8 @@ from icl_gd.report.figures import (
     plot_weights,
 )
 from icl_gd.report.numbers import DISTRIBUTION_FIELDS, MC_GAMMA_TASKS, analyze_run, one_layer_optimum
-from icl_gd.report.writer import markdown, write_folder_report, write_run_report
+from icl_gd.report.writer import markdown, write_folder_report, write_off_distribution, write_run_report
 
 __all__ = ["DISTRIBUTION_FIELDS", "MC_GAMMA_TASKS", "analyze_run", "depth_axes", "general_form_heatmaps", "markdown",
            "one_layer_optimum", "plot_depth", "plot_gamma", "plot_training", "plot_weights", "write_folder_report",
-           "write_run_report"]
+           "write_off_distribution", "write_run_report"]

@@ -172,3 +172,47 @@ def write_folder_report(runs: dict[str, Run], out_dir: str, **kwargs) -> dict:
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return {"runs": summaries, "table": table}
+
+
+def write_off_distribution(run: Run, out: str, name: str, ns: list[int], shifts: dict[str, list[float]],
+                           compare_gd: bool, num_tasks: int, tune_tasks: int) -> list[str]:
+    """The run beyond its training distribution, as JSON and figures in ``out``: the loss against
+    context length ``ns`` (context_length.*), shift curves per field in ``shifts`` (shifts.*; "cond"
+    means a rotated Sigma of that condition) and the comparison with its GD construction
+    (compare_gd.*). Returns one line per thing written."""
+    from icl_gd.report.figures import plot_context_length, plot_gd_comparison, plot_shift_curves
+    from icl_gd.theory import compare, shifted
+
+    os.makedirs(out, exist_ok=True)
+    cfg, lines = run.config, []
+
+    def dump(obj: Any, filename: str) -> None:
+        with atomic_open(os.path.join(out, filename)) as f:
+            json.dump(obj, f, indent=1)
+
+    if ns:
+        curve = shifted.context_curve(cfg, run.params, ns, num_tasks, tune_tasks)
+        dump(curve, "context_length.json")
+        plot_context_length(curve, cfg.n, f"{name}: loss against test-time context length",
+                            os.path.join(out, "context_length.png"))
+        lines.append(f"{name}: context-length curve in {os.path.join(out, 'context_length.png')}")
+    if shifts:
+        curves = {}
+        for field, values in shifts.items():
+            fixed = {"covariance": "cond", "rotate": True} if field == "cond" else {}
+            trained = getattr(cfg, field) if field != "cond" or cfg.covariance == "cond" else 1.0
+            curves[field] = (shifted.shift_curve(cfg, run.params, field, values, num_tasks, tune_tasks, **fixed),
+                             trained)
+        dump({k: v[0] for k, v in curves.items()}, "shifts.json")
+        plot_shift_curves(curves, name, os.path.join(out, "shifts.png"))
+        lines.append(f"{name}: shift curves in {os.path.join(out, 'shifts.png')}")
+    if compare_gd:
+        res = compare.compare(cfg, run.params, num_tune_tasks=tune_tasks)
+        if res is None:
+            lines.append(f"{name}: no GD construction (softmax attention or key_size < d)")
+        else:
+            dump(res, "compare_gd.json")
+            plot_gd_comparison(res, f"{name} vs {res['construction']}", os.path.join(out, "compare_gd.png"))
+            lines.append(f"{name}: vs its GD construction: prediction difference {res['prediction_difference']:.4g}, "
+                         f"sensitivity cosine {res['sensitivity_cosine']:.4f} (compare_gd.png)")
+    return lines
