@@ -24,14 +24,20 @@ flags.DEFINE_boolean("quick", False, "CPU-sized version (d=3, n=10, a few minute
 flags.DEFINE_integer("steps", 0, "Override every run's training steps (0: the experiment's own; for smoke tests).")
 flags.DEFINE_string("workdir", "runs/reproduce", "Root folder of the experiments' runs.")
 flags.DEFINE_string("results_md", "auto", "Markdown written by --experiment=all ('' to skip; auto: docs/RESULTS.md, "
-                    "or docs/RESULTS_QUICK.md with --quick); results.json / results_quick.json go beside it.")
+                    "or docs/RESULTS_QUICK.md with --quick, or into --workdir with --steps); results.json / "
+                    "results_quick.json go beside it.")
 define_watchdog_flag()
 FLAGS = flags.FLAGS
 
 
-def results_paths(quick: bool, md_flag: str) -> tuple[str, str]:
-    """(markdown, json) paths of ``--experiment=all``: the papers' scale and --quick never overwrite each other."""
-    md = md_flag if md_flag != "auto" else ("docs/RESULTS_QUICK.md" if quick else "docs/RESULTS.md")
+def results_paths(quick: bool, md_flag: str, steps: int = 0, workdir: str = "") -> tuple[str, str]:
+    """(markdown, json) paths of ``--experiment=all``: the papers' scale and --quick never overwrite each
+    other, and a run with --steps (a smoke test, no claim expected to hold) never overwrites docs/: "auto"
+    then writes into the workdir."""
+    if md_flag == "auto" and steps:
+        md = os.path.join(workdir, "RESULTS_QUICK.md" if quick else "RESULTS.md")
+    else:
+        md = md_flag if md_flag != "auto" else ("docs/RESULTS_QUICK.md" if quick else "docs/RESULTS.md")
     name = "results_quick.json" if quick else "results.json"
     return md, os.path.join(os.path.dirname(md) or ".", name)
 
@@ -122,7 +128,7 @@ def main(argv: list[str]) -> None:
             print("REPORT " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not isinstance(v, (list, dict))))
         print(f"figure: {outcome.figure}")
     if FLAGS.experiment == "all" and FLAGS.results_md:
-        md_path, json_path = results_paths(FLAGS.quick, FLAGS.results_md)
+        md_path, json_path = results_paths(FLAGS.quick, FLAGS.results_md, FLAGS.steps, FLAGS.workdir)
         wall = time.perf_counter() - t0
         base = size.base()
         scale = {"d": base.d, "n": base.n, "quick": FLAGS.quick, "batch_size": base.batch_size, "steps": base.steps,

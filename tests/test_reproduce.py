@@ -54,3 +54,13 @@ def test_paper_scale_members_are_valid_configs():
         assert ns == (list(range(2, 21, 2)) if name == "ahn_variable_n" else [20]), name
     depths = sorted({m.depth for m in EXPERIMENTS["ahn_multilayer"].members(Size(quick=False))})
     assert depths == [1, 2, 3, 4]
+
+
+def test_smoke_runs_never_overwrite_the_committed_results():
+    from launch.reproduce import results_paths
+
+    assert results_paths(False, "auto") == ("docs/RESULTS.md", "docs/results.json")
+    assert results_paths(True, "auto") == ("docs/RESULTS_QUICK.md", "docs/results_quick.json")
+    assert results_paths(False, "auto", steps=20, workdir="/x") == ("/x/RESULTS.md", "/x/results.json")
+    assert results_paths(True, "auto", steps=20, workdir="/x") == ("/x/RESULTS_QUICK.md", "/x/results_quick.json")
+    assert results_paths(True, "out/R.md", steps=20, workdir="/x") == ("out/R.md", "out/results_quick.json")
