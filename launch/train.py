@@ -16,6 +16,18 @@ flags.DEFINE_string("workdir", "runs/default", "Run directory (checkpoints, conf
 FLAGS = flags.FLAGS
 
 
+def check_not_a_sweep_root(workdir: str) -> None:
+    """A run folder holds one run: refuse a folder whose subfolders hold runs (a sweep root)."""
+    import os
+
+    from icl_gd.config import ConfigError
+
+    members = [e for e in sorted(os.listdir(workdir)) if os.path.isdir(os.path.join(workdir, e, "checkpoints"))]
+    if members:
+        raise ConfigError("workdir", workdir, f"holds other runs ({members[0]}, ...: a sweep root?); "
+                          "use a folder of its own")
+
+
 def report(summary: dict, cfg) -> str:
     """Human-readable end-of-run lines: the learned numbers next to the theory's for this depth."""
     lines = [f"finished {summary['steps']} steps in {summary['wall_seconds']:.1f}s"]
@@ -66,6 +78,7 @@ def main(argv: list[str]) -> None:
     with exit_codes():
         cfg = config_from_flags()  # every flag is validated before JAX is even imported
         check_workdir(FLAGS.workdir)
+        check_not_a_sweep_root(FLAGS.workdir)
         start_launcher()
         from icl_gd.train import train
 

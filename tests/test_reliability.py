@@ -208,6 +208,13 @@ BAD_TRAIN_FLAGS = [
 ]
 
 
+def test_train_refuses_a_sweep_root(tmp_path):
+    (tmp_path / "d2_n6_member" / "checkpoints").mkdir(parents=True)
+    out = launchers.run("launch.train", f"--workdir={tmp_path}", *RUN_FLAGS, timeout=60)
+    assert out.returncode == 2 and "--workdir" in out.stderr and "sweep root" in out.stderr, out.stderr[-1000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("flags,name", BAD_TRAIN_FLAGS)
 def test_bad_train_flags_get_one_clear_line(tmp_path, flags, name):
     args = flags.split()
