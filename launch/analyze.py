@@ -11,6 +11,7 @@ import os
 
 from absl import app, flags
 
+from icl_gd.checkpoint import saved_steps
 from icl_gd.config import ConfigError
 from launch.flags import define_watchdog_flag, exit_codes, quiet_library_logs, start_watchdog
 
@@ -36,11 +37,6 @@ def _is_run(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "checkpoints"))
 
 
-def _has_checkpoint(path: str) -> bool:
-    ckpt = os.path.join(path, "checkpoints")
-    return os.path.isdir(ckpt) and any(e.isdigit() for e in os.listdir(ckpt))
-
-
 def find_runs(workdir: str) -> dict[str, str]:
     """{name: path} of the runs under ``workdir`` ({basename: workdir} when it is one run)."""
     if _is_run(workdir):
@@ -59,7 +55,7 @@ def check_flags() -> dict[str, str]:
     runs = find_runs(workdir)
     if not runs:
         raise ConfigError("workdir", workdir, "holds no run: expected checkpoints/ in it or in its subfolders")
-    empty = [name for name, path in runs.items() if not _has_checkpoint(path)]
+    empty = [name for name, path in runs.items() if not saved_steps(path)]
     if empty:
         raise ConfigError("workdir", workdir, f"no checkpoint saved yet in {', '.join(empty)} (train it first)")
     for name, lo in (("max_steps", 0), ("tune_tasks", 16), ("mc_tasks", 256), ("eval_ns_tasks", 256)):

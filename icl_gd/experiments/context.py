@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from icl_gd.experiments.base import Experiment, Size  # noqa: E402
 from icl_gd.experiments.checks import Check  # noqa: E402
-from icl_gd.report.figures import context_length_axes  # noqa: E402
+from icl_gd.report.figures import shift_axes  # noqa: E402
 from icl_gd.theory import shifted  # noqa: E402
 
 CONTEXT_LENGTHS = (2, 5, 10, 20, 40, 80)
@@ -69,8 +69,8 @@ def _plot(summaries: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(summaries), figsize=(5.2 * len(summaries), 4.2), squeeze=False)
     for ax, s in zip(axes.flat, summaries, strict=True):
         c = s["config"]
-        context_length_axes(ax, s["probe"]["rows"], s["probe"]["trained_n"],
-                            f"{_label(s)}, d={c['d']}, sigma={c['noise']:g}")
+        title = f"{_label(s)}, d={c['d']}, sigma={c['noise']:g}"
+        shift_axes(ax, s["probe"]["rows"], "n", s["probe"]["trained_n"], title)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))

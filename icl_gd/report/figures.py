@@ -208,7 +208,10 @@ def general_form_heatmaps(axes: np.ndarray, summary: dict, sigma: np.ndarray) ->
                  f"resid {g['b_residual'][col]:.3f}", names, names)
 
 
-def shift_axes(ax, rows: list[dict], field: str, trained: float, title: str, xlabel: str) -> None:
+SHIFT_LABELS = {"n": "test-time context length n'"}  # x-axis labels of shifted fields (else the field name)
+
+
+def shift_axes(ax, rows: list[dict], field: str, trained: float, title: str) -> None:
     """Held-out loss against a task field (``theory.shifted.shift_curve`` rows): the trained model
     with 2 s.e., its exact loss where one exists, and the references tuned per value."""
     xs = [r[field] for r in rows]
@@ -223,7 +226,8 @@ def shift_axes(ax, rows: list[dict], field: str, trained: float, title: str, xla
             ax.plot(xs, [r[key] for r in rows], "--", color=color, lw=1, label=name)
     ax.axvline(trained, color="gray", ls=":", lw=1, label="training value")
     positive = all(x > 0 for x in xs)
-    ax.set(xscale="log" if positive else "linear", yscale="log", xlabel=xlabel, ylabel="held-out loss")
+    ax.set(xscale="log" if positive else "linear", yscale="log", xlabel=SHIFT_LABELS.get(field, field),
+           ylabel="held-out loss")
     ax.set_title(textwrap.fill(title, 60), fontsize=9)
     if positive:
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
@@ -231,26 +235,12 @@ def shift_axes(ax, rows: list[dict], field: str, trained: float, title: str, xla
     ax.grid(alpha=0.3, which="both")
 
 
-def context_length_axes(ax, rows: list[dict], trained_n: int, title: str) -> None:
-    """``shift_axes`` over the test-time context length n'."""
-    shift_axes(ax, rows, "n", trained_n, title, "test-time context length n'")
-
-
 def plot_shift_curves(curves: dict[str, tuple[list[dict], float]], title: str, path: str) -> None:
     """One panel per shifted field: {field: (rows, training value)}."""
     fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4.4), squeeze=False)
     for ax, (field, (rows, trained)) in zip(axes.flat, curves.items(), strict=True):
-        shift_axes(ax, rows, field, trained, f"{title}: {field}", field)
+        shift_axes(ax, rows, field, trained, f"{title}: {field}")
     axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_context_length(rows: list[dict], trained_n: int, title: str, path: str) -> None:
-    fig, ax = plt.subplots(figsize=(6.2, 4.4))
-    context_length_axes(ax, rows, trained_n, title)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

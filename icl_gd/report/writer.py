@@ -180,7 +180,7 @@ def write_off_distribution(run: Run, out: str, name: str, ns: list[int], shifts:
     context length ``ns`` (context_length.*), shift curves per field in ``shifts`` (shifts.*; "cond"
     means a rotated Sigma of that condition) and the comparison with its GD construction
     (compare_gd.*). Returns one line per thing written."""
-    from icl_gd.report.figures import plot_context_length, plot_gd_comparison, plot_shift_curves
+    from icl_gd.report.figures import plot_gd_comparison, plot_shift_curves
     from icl_gd.theory import compare, shifted
 
     os.makedirs(out, exist_ok=True)
@@ -193,8 +193,7 @@ def write_off_distribution(run: Run, out: str, name: str, ns: list[int], shifts:
     if ns:
         curve = shifted.context_curve(cfg, run.params, ns, num_tasks, tune_tasks)
         dump(curve, "context_length.json")
-        plot_context_length(curve, cfg.n, f"{name}: loss against test-time context length",
-                            os.path.join(out, "context_length.png"))
+        plot_shift_curves({"n": (curve, cfg.n)}, name, os.path.join(out, "context_length.png"))
         lines.append(f"{name}: context-length curve in {os.path.join(out, 'context_length.png')}")
     if shifts:
         curves = {}
