@@ -29,6 +29,7 @@ from icl_gd.data import Distribution, TaskSpec, distribution, sample_tasks
 from icl_gd.errors import NonFiniteLossError, Preempted, RunBusyError, UnreadableRunError  # noqa: F401
 from icl_gd.keys import eval_chunks, run_keys
 from icl_gd.loss import task_loss
+from icl_gd.metrics import open_writer
 from icl_gd.model import Params, init_params
 from icl_gd.optim import make_optimizer
 from icl_gd.theory.baselines import depth_references
@@ -138,6 +139,7 @@ class Member:
     final_step: int = 0
     failed: str = ""  # set when the member's loss went non-finite (it stops; the others go on)
     lock: Any = None  # the sweep's RunLock claim on the folder, released by the caller
+    metrics: Any = None  # its metrics.MetricsWriter (metrics.jsonl + TensorBoard events), closed by the caller
 
 
 @dataclasses.dataclass
@@ -175,7 +177,8 @@ def chunk_loop(members: list[Member], state: Any, dists: Any, train_keys: Any, e
     """The training loop: compiled calls of ``chunk_boundary`` steps until ``stop``; returns the state.
 
     After each call: the NaN guard (``fail_fast`` raises ``NonFiniteLossError``, else the member is
-    marked failed and saves nothing more), the held-out loss, one history record per member, a
+    marked failed and saves nothing more), the held-out loss, one history record per member (also
+    appended to its metrics files when it has a ``metrics`` writer: ``icl_gd.metrics``), a
     checkpoint at every ``checkpoint_every`` step and at ``stop``, and SIGTERM handling (save, then
     ``Preempted``; under jax.distributed process 0's flag decides). Resuming from a checkpoint
     replays exactly the same key stream, so a resumed run is bitwise the uninterrupted one.
@@ -220,6 +223,8 @@ def chunk_loop(members: list[Member], state: Any, dists: Any, train_keys: Any, e
             if optima[i] is not None:
                 record["loss_star"] = optima[i][1]
             m.history.append(record)
+            if m.metrics is not None:
+                m.metrics.write(record)
             if save and m.ckpt is not None:
                 m.ckpt.save(step, devices.unstack(host_state, i) if programs.stacked else host_state, m.cfg, m.history)
                 m.final_step = step
@@ -267,7 +272,7 @@ def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = 
     cfg.validate()
     state = init_state(cfg)
     history: list[dict] = []
-    ckpt = lock = None
+    ckpt = lock = metrics = None
     if workdir is not None:
         lock = _claim(workdir)
     try:
@@ -283,14 +288,17 @@ def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = 
                 state, _, history = ckpt.restore(state)
                 state = TrainState(*state) if not isinstance(state, TrainState) else state
                 log(f"resumed from step {int(state.step)} in {workdir}")
-        member = Member(cfg, workdir, ckpt, history, int(state.step))
-        keys = run_keys(cfg.seed)
         stop = cfg.steps if until is None else min(until, cfg.steps)
+        metrics = open_writer(workdir, cfg, int(state.step), stop)
+        member = Member(cfg, workdir, ckpt, history, int(state.step), metrics=metrics)
+        keys = run_keys(cfg.seed)
         t_start = time.perf_counter()
         with SigtermFlag() as sigterm:
             state = chunk_loop([member], state, distribution(cfg), keys["train"], keys["eval"], _programs(cfg),
                                stop, sigterm, fail_fast=True, log=log)
     finally:
+        if metrics is not None:
+            metrics.close()
         if ckpt is not None:
             ckpt.close()
         if lock is not None:

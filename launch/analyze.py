@@ -104,10 +104,28 @@ def main(argv: list[str]) -> None:
             for line in report.write_off_distribution(run, where, name, [int(v) for v in FLAGS.eval_ns], shifts,
                                                       FLAGS.compare_gd, FLAGS.eval_ns_tasks, FLAGS.tune_tasks):
                 print(line)
+    _gamma_images(rows, loaded, out, single=_is_run(workdir))
     for name, s in rows.items():
         rel = "" if s["rel_error"] is None else f"  rel_error {s['rel_error']:.2%}"
         print(f"{name}: loss {s['loss']:.4f}  L* {s['loss_star']:.4f} ({s['loss_over_loss_star']:+.2%}){rel}")
     print(f"report: {os.path.join(out, 'report.md')}")
+
+
+def _gamma_images(rows: dict, loaded: dict, out: str, single: bool) -> None:
+    """Each run's Gamma_eff vs Gamma* figure as a TensorBoard image (tag analysis/gamma, at the run's
+    step) in the run folder beside its training scalars (``icl_gd.metrics``); a read-only run folder
+    is left alone."""
+    from icl_gd import metrics
+
+    for name, summary in rows.items():
+        figure, run = summary.get("figures", {}).get("gamma"), loaded[name]
+        if figure is None:
+            continue
+        png = os.path.join(out if single else os.path.join(out, name), figure)
+        if not os.access(run.workdir, os.W_OK):
+            print(f"{name}: run folder not writable; gamma figure not added to its TensorBoard events")
+            continue
+        metrics.add_image(run.workdir, "analysis/gamma", png, run.step)
 
 
 if __name__ == "__main__":

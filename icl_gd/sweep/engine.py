@@ -7,11 +7,11 @@ rotation, weight prior, noise) and the seed trace to the same program, so ``trai
 ``jax.distributed``) the member axis is sharded over a 1-D ``Mesh`` with ``NamedSharding``.
 
 Run folders. Member ``m`` lives in ``ROOT/member_name(m)`` with exactly ``train()``'s layout
-(config.json + orbax checkpoints/), so ``icl_gd.load`` opens it. A member whose latest
-checkpoint is at ``steps`` is skipped; an unfinished one resumes from its checkpoint; a folder
-whose config differs is refused (``ConfigMismatchError``), never overwritten. Since the data key
-of step t is fold_in(train_key, t), a resumed or vmapped member sees the same tasks as
-``train(cfg)`` and ends with the same params (to float tolerance).
+(config.json + orbax checkpoints/, metrics.jsonl + TensorBoard event files), so ``icl_gd.load``
+opens it. A member whose latest checkpoint is at ``steps`` is skipped; an unfinished one resumes
+from its checkpoint; a folder whose config differs is refused (``ConfigMismatchError``), never
+overwritten. Since the data key of step t is fold_in(train_key, t), a resumed or vmapped member
+sees the same tasks as ``train(cfg)`` and ends with the same params (to float tolerance).
 """
 
 
@@ -34,6 +34,7 @@ from icl_gd.checkpoint import Checkpointer, check_same_run, read_config, saved_s
 from icl_gd.config import Config
 from icl_gd.data import distribution
 from icl_gd.keys import run_keys
+from icl_gd.metrics import open_writer
 from icl_gd.optim import make_optimizer
 from icl_gd.sweep.grid import group, group_key, member_name
 from icl_gd.sweep.locks import RunLock
@@ -120,7 +121,12 @@ def _open_claimed(cfg: Config, workdir: str, lock: RunLock | None,
         state, _, history = ckpt.restore(state)
         state = state if isinstance(state, TrainState) else TrainState(*state)
         log(f"{member_name(cfg)}: resuming from step {latest}")
-    return Member(cfg, workdir, ckpt, history, int(state.step), int(state.step), lock=lock), state
+    try:
+        metrics = open_writer(workdir, cfg, int(state.step), cfg.steps)
+    except BaseException:
+        ckpt.close()
+        raise
+    return Member(cfg, workdir, ckpt, history, int(state.step), int(state.step), lock=lock, metrics=metrics), state
 
 
 def train_group(members: Sequence[Config], root: str, fns: Programs | None = None,
@@ -148,6 +154,8 @@ def train_group(members: Sequence[Config], root: str, fns: Programs | None = Non
                     _train_stack(batch, fns, mesh, log, sigterm)
         finally:
             for m, _ in active:
+                if m.metrics is not None:
+                    m.metrics.close()
                 m.ckpt.close()
                 if m.lock is not None:
                     m.lock.release()
