@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import chex
 import jax
@@ -18,6 +18,9 @@ from icl_gd.data import covariance_matrix, prior_covariance
 from icl_gd.errors import UnreadableRunError
 from icl_gd.model import Params, apply
 from icl_gd.train import TrainState, init_state
+
+if TYPE_CHECKING:  # icl_gd.nn imports flax: loaded only by Run.flax_module
+    from icl_gd.nn import LSA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,13 @@ class Run:
         chex.assert_shape(x_query, (b, cfg.d))
         return np.asarray(_jitted_apply(cfg)(self.params, x, y, x_query))
 
+    def flax_module(self) -> LSA:
+        """This run's LSA as a Flax NNX module (``icl_gd.nn.LSA``: ``W_K``, ``W_Q``, ``W_V`` per layer
+        and ``h`` as ``nnx.Param``s) to train inside a larger Flax model; ``module.to_params()``
+        gives the icl-gd pytree back. Flax loads here, not on ``import icl_gd``."""
+        from icl_gd.nn import LSA
+
+        return LSA.from_params(self.params, self.config)
 
     def evaluate(self, num_tasks: int | None = None, references: bool = True, num_tune_tasks: int = 2**14,
                  **overrides: Any) -> dict[str, dict]:
