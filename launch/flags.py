@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -40,14 +41,43 @@ def define_config_flags(exclude: tuple[str, ...] = ()) -> None:
             _DEFINERS[f.type](f.name, f.default, help_text)
 
 
+def define_config_file_flag() -> None:
+    flags.DEFINE_string("config", "", "A JSON config file (e.g. another run's config.json) as the base config: "
+                        "flags given explicitly override its fields; fields it lacks take the flag defaults "
+                        "(and the parameterisation's recipe).")
+
+
+def config_file_values(path: str) -> dict:
+    """The fields of a JSON config file, or ConfigError naming --config (and the field, if unknown)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError("config", path, f"cannot read it ({e.strerror})") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError("config", path, f"not a JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError("config", path, "must hold a JSON object of Config fields")
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError("config", path, f"unknown field {unknown[0]!r} (known fields: {', '.join(sorted(names))})")
+    return data
+
+
 def config_from_flags(**overrides) -> Config:
     """Build and validate the Config from parsed flags; raises ConfigError naming the flag.
 
-    Flags left at their default give way to the parameterisation's recipe (``Config.create``).
+    With --config=PATH its fields are the base and only flags given explicitly override them.
+    Fields set by neither give way to the parameterisation's recipe (``Config.create``).
     """
+    path = flags.FLAGS.config if "config" in flags.FLAGS else ""
+    base = config_file_values(path) if path else {}
     values = {}
     for f in dataclasses.fields(Config):
-        if f.name not in flags.FLAGS or not (flags.FLAGS[f.name].present or f.name == "parameterization"):
+        if f.name not in flags.FLAGS:
+            continue
+        if not (flags.FLAGS[f.name].present or (f.name == "parameterization" and f.name not in base)):
             continue
         value = flags.FLAGS[f.name].value
         if f.type.startswith("tuple"):
@@ -57,7 +87,17 @@ def config_from_flags(**overrides) -> Config:
                 raise ConfigError(f.name, ",".join(value), "must be comma-separated numbers") from e
         values[f.name] = value
     values.update(overrides)
-    return Config.create(**values).validate()
+    from_file = set(base) - set(values)
+    try:
+        return Config.create(**{**base, **values}).validate()
+    except ConfigError as e:
+        if e.field in from_file:
+            raise ConfigError("config", path, f"field {e.field}={e.value!r}: {e.allowed}") from e
+        raise
+    except (TypeError, ValueError) as e:  # a file value Config cannot even hold (e.g. eigenvalues "abc")
+        if not from_file:
+            raise
+        raise ConfigError("config", path, f"a field has a value of the wrong type ({e})") from e
 
 
 def check_workdir(workdir: str, flag: str = "workdir") -> None:
@@ -80,8 +120,9 @@ def define_watchdog_flag() -> None:
 
 
 def define_run_flags() -> None:
-    """Every Config field as a flag, plus --watchdog_s: the flags of the launchers that train."""
+    """Every Config field as a flag, plus --config and --watchdog_s: the flags of the launchers that train."""
     define_config_flags()
+    define_config_file_flag()
     define_watchdog_flag()
 
 

@@ -3,7 +3,8 @@
 Swept axes (comma-separated lists; an omitted axis keeps the single value of its base flag):
   --covariances   isotropic | cond<K> (cond10 = --covariance=cond --cond=10) | eig<v1>_<v2>_...
   --noises --depths --seeds --ns --ds --weight_priors
-Every other flag is the base config, exactly as in ``launch.train``.
+Every other flag is the base config, exactly as in ``launch.train`` (--config=PATH: a JSON config,
+e.g. a run's config.json, as the base; explicit flags override its fields; the axes vary the result).
 
 Each member trains in ROOT/<member name> (an ordinary run folder: ``icl_gd.load`` opens it).
 Same-shape members train together in one vmapped program, sharded over all devices. Re-running
@@ -121,13 +122,16 @@ def grid_args() -> list[str]:
 
     from icl_gd.config import Config
 
-    grid_flags = {f.name for f in dataclasses.fields(Config)} | set(AXIS_FLAGS) | {"also", "aggregate", "baselines"}
+    grid_flags = {f.name for f in dataclasses.fields(Config)} | set(AXIS_FLAGS) | {"also", "aggregate", "baselines",
+                                                                                  "config"}
     out = []
     for name in sorted(grid_flags):
         if not FLAGS[name].present:
             continue
         if name == "also":  # a multi flag: one argument per occurrence
             out += [f"--also={spec}" for spec in FLAGS.also]
+        elif name == "config":  # the array tasks start elsewhere: an absolute path
+            out.append(f"--config={os.path.abspath(FLAGS.config)}")
         else:
             out.append(FLAGS[name].serialize())
     return [f"--workdir={os.path.abspath(FLAGS.workdir)}", *out]

@@ -1,8 +1,9 @@
 """Train one LSA run: ``python -m launch.train --workdir=runs/default [--flag=value ...]``.
 
 Re-running with the same --workdir resumes from the latest checkpoint; a different config
-for an existing workdir is refused. At the end it prints the learned effective step size
-next to the theory's eta* = n/(n+d+1+sigma^2).
+for an existing workdir is refused. ``--config=PATH`` starts from a JSON config (e.g. another
+run's config.json); flags given explicitly override its fields. At the end it prints the
+learned effective step size next to the theory's eta* = n/(n+d+1+sigma^2).
 """
 
 from __future__ import annotations
