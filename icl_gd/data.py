@@ -42,6 +42,13 @@ class Tasks(NamedTuple):
     y_query: jax.Array
 
 
+# Every Config field the tasks depend on, the seed and held-out size included: two runs that agree on
+# these draw the same training and held-out tasks (their baselines and references are shared).
+DISTRIBUTION_FIELDS = ("d", "n", "covariance", "cond", "eigenvalues", "rotate", "rotation_seed", "x_dist", "dof",
+                       "weight_prior", "noise", "noise_dist", "x_scale", "w_scale", "target", "relu_width", "seed",
+                       "eval_tasks")
+
+
 class Distribution(NamedTuple):
     """The numeric part of a task distribution (a pytree; vmap it over sweep members)."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +106,33 @@ def test_tune_key_is_disjoint_from_the_run_streams():
     keys = [np.asarray(jax.random.key_data(k)) for k in run_keys(0).values()]
     tk = np.asarray(jax.random.key_data(baselines.tune_key(0)))
     assert not any(np.array_equal(tk, k) for k in keys)
+
+
+def test_paired_stderr_is_the_spread_of_the_difference_of_means():
+    """Two predictors on the same tasks share each task's difficulty: the paired standard error
+    matches the repeat-to-repeat spread of mean(a) - mean(b), far below the unpaired one."""
+    rng = np.random.default_rng(0)
+    diffs, paired, unpaired = [], [], []
+    for _ in range(400):
+        hard = rng.exponential(size=2000)
+        a, b = hard * (1 + 0.01 * rng.normal(size=2000)), hard * (1 + 0.01 * rng.normal(size=2000))
+        diffs.append(a.mean() - b.mean())
+        paired.append(baselines.paired_stderr(a, b))
+        unpaired.append(np.hypot(a.std(ddof=1), b.std(ddof=1)) / np.sqrt(a.size))
+    assert abs(np.mean(paired) / np.std(diffs) - 1) < 0.1
+    assert np.mean(paired) < 0.05 * np.mean(unpaired)
+
+
+def test_members_of_one_distribution_share_their_baselines(monkeypatch):
+    """A depth ladder (same tasks, different models) tunes and scores its baselines once; a change
+    of anything the tasks depend on (here the noise) computes them afresh."""
+    calls = []
+    real = baselines.baseline_predictors
+    monkeypatch.setattr(baselines, "baseline_predictors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(baselines, "_BASELINE_CACHE", {})
+    base = Config(d=2, n=6, eval_tasks=512, parameterization="sparse", weight_prior="inverse")
+    one = baselines.evaluate(base, 2, num_tune_tasks=256)
+    two = baselines.evaluate(dataclasses.replace(base, lr=0.5, init_scale=0.3), 2, num_tune_tasks=256)
+    assert len(calls) == 1 and one["pgd_2"]["loss"] == two["pgd_2"]["loss"]
+    baselines.evaluate(dataclasses.replace(base, noise=0.5), 2, num_tune_tasks=256)
+    assert len(calls) == 2

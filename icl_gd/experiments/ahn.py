@@ -12,7 +12,7 @@ from icl_gd import report, theory  # noqa: E402
 from icl_gd.config import RECIPES, Config  # noqa: E402
 from icl_gd.data import covariance_matrix  # noqa: E402
 from icl_gd.experiments.base import Experiment, Size, gamma_panels, loss_check, summary_row
-from icl_gd.experiments.checks import Check  # noqa: E402
+from icl_gd.experiments.checks import GAMMA_TOL, LAYER_TOL, NUM_SE, PGD_SLACK, Check, at_most  # noqa: E402
 from icl_gd.theory import probes  # noqa: E402
 
 
@@ -31,10 +31,8 @@ def _ahn1_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list[di
     ahn = theory.ahn_preconditioner(sigma, c["n"])
     gamma = np.asarray(s["gamma_learned"])
     err = float(np.linalg.norm(gamma - ahn) / np.linalg.norm(ahn))
-    general = float(np.linalg.norm(np.asarray(s["gamma_star"]) - ahn) / np.linalg.norm(ahn))
-    checks = [
-        Check("general Gamma* reduces to ((n+1)/n Sigma + tr(Sigma)/n I)^-1", general, 1e-9, 0.0, "max"),
-        Check("||Gamma_eff - ((n+1)/n Sigma + tr(Sigma)/n I)^-1|| / ||.||", err, 0.05, 0.0, "max"),
+    checks = [  # (that the general Gamma* reduces to Ahn et al.'s form is an identity: tests/test_theory.py)
+        Check("||Gamma_eff - ((n+1)/n Sigma + tr(Sigma)/n I)^-1|| / ||.||", err, GAMMA_TOL, 0.0, "max"),
         loss_check(s, "cond 10"),
     ]
     return checks, [summary_row(s, rel_error_ahn=err)]
@@ -49,7 +47,6 @@ def _depths(size: Size) -> tuple[int, ...]:
     return (1, 2, 3) if size.quick else (1, 2, 3, 4)
 
 
-MAX_LAYER_AHN_DISTANCE = 0.1  # Ahn et al. 2023, Thm. 4: every layer's Gamma_l is a multiple of Sigma^-1
 
 
 def _multi_members(size: Size) -> list[Config]:
@@ -77,11 +74,11 @@ def _multi_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list[d
             depth = s["config"]["depth"]
             pgd = s["baselines"][f"pgd_{depth}"]
             gd = s["baselines"][f"gd_{depth}"]
-            checks.append(Check(f"{cov}: trained L={depth} loss vs {depth}-step PGD (tuned)", s["loss"],
-                                pgd["loss"], 0.05 * pgd["loss"] + 3 * s["loss_stderr"], "max"))
+            checks.append(at_most(f"{cov}: trained L={depth} loss vs {depth}-step PGD (tuned)", s["loss"],
+                                  pgd["loss"], PGD_SLACK, pgd["paired_stderr"]))
             dists = s["layers"]["ahn_distances"] if "layers" in s else [s["ahn_distance"]]
             checks += [Check(f"{cov}: L={depth}, layer {i + 1}: dist(Sigma^1/2 Gamma_l Sigma^1/2, I)", dist,
-                             MAX_LAYER_AHN_DISTANCE, 0.0, "max") for i, dist in enumerate(dists)]
+                             LAYER_TOL, 0.0, "max") for i, dist in enumerate(dists)]  # Thm. 4: Gamma_l ~ Sigma^-1
             rows.append(summary_row(s, covariance=cov, depth=depth, gd_loss=gd["loss"], pgd_loss=pgd["loss"],
                              layer_ahn_distances=dists, layer_steps=_layer_steps(s),
                              pgd_steps=sorted(pgd["step_sizes"])))
@@ -104,11 +101,16 @@ def _multi_plot(summaries: list[dict], path: str) -> None:
 # ---------------------------------------------------------------------------------------
 # Ahn et al. 2023, Sec. 6: the general form (B_l acting on x) and its (a, b) critical points.
 # ---------------------------------------------------------------------------------------
-MAX_A_DISTANCE = 0.1  # dist(Sigma^1/2 A_l Sigma^1/2, I): A_l = a_l Sigma^-1 (Thm. 5)
-MAX_B_RESIDUAL = 0.1  # ||B_l - b_l I|| / ||B_l||: B_l = b_l I (Thm. 5), for the layers whose B_l matters
-GENERAL_OPT_TOL = 1.0  # trained loss <= (1 + tol) x the (a, b) optimum's (heavy-tailed loss, CPU-sized training)
-GENERAL_OPT_FLOOR = 1e-4  # ... or within 1e-4 of it (2e-5 of E[y_q^2] = d): 4 layers' ~1e-6 is below what
-#                           8000 float32 Adam steps resolve; the learned loss is reported beside it
+MAX_A_DISTANCE = 0.1  # dist(Sigma^1/2 A_l Sigma^1/2, I): A_l = a_l Sigma^-1 (Thm. 5). Observed up to 6.5% (layer 1
+#                      of 3, paper scale): the loss is nearly flat along A_1's deviations that B_1 and the later
+#                      layers absorb, so 10%, not 2%
+MAX_B_RESIDUAL = 0.05  # ||B_l - b_l I|| / ||B_l||: B_l = b_l I (Thm. 5), for the layers whose B_l matters;
+#                        observed <= 1.6%
+GENERAL_OPT_TOL = 0.05  # trained loss <= 1.05 x the (a, b) optimum's + 3 paired s.e.: observed up to 3.5% at L = 2
+#                         (quick) and 2.1% (paper): the optimum's (a, b) are fit on 2^15 Wishart spectra, and the
+#                         per-prompt loss is heavy-tailed, so 5%, not 2%
+GENERAL_OPT_FLOOR = 1e-5  # ... or within 1e-5 of it (2e-6 of E[y_q^2] = d): 4 layers' ~1e-7 median is below
+#                           what 8000 float32 Adam steps resolve; the learned loss is reported beside it
 FAR_BELOW_PGD = 0.25  # "far below L-step PGD": trained loss <= this x the tuned PGD loss, for L >= 2 ...
 THEORY_FAR_BELOW = 0.1  # ... where the (a, b) optimum itself is >= 10x below PGD (d=3, n=10, L=2: only 4.6x)
 RESOLVED_MEAN = 0.1  # judge a mean only where its standard error is below 10% of it, else the median
@@ -166,7 +168,7 @@ def _general_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list
             resolved = s["loss_stderr"] <= RESOLVED_MEAN * s["loss"]
             stat = "loss" if resolved else "median"
             loss = s["loss"] if resolved else s["loss_median"]
-            err = 3 * s["loss_stderr"] if resolved else 0.0
+            err = NUM_SE * opt["paired_stderr"] if resolved else 0.0
             slack = max(GENERAL_OPT_TOL * opt[stat], GENERAL_OPT_FLOOR) + err
             checks.append(Check(f"{label}: block L={depth} {stat} vs the (a, b) optimum's on the same tasks", loss,
                                 opt[stat], slack, "max"))
@@ -231,8 +233,8 @@ def _variable_n_judge(summaries: list[dict], size: Size) -> tuple[list[Check], l
                             s["loss_median"], pgd["median"], 0.0, "max"))
         resolved = s["loss_stderr"] <= RESOLVED_MEAN * s["loss"]
         if resolved:
-            checks.append(Check(f"n={n}: 3-layer block mean loss vs 3-step PGD (tuned)", s["loss"], pgd["loss"],
-                                3 * np.hypot(s["loss_stderr"], pgd["stderr"]), "max"))
+            checks.append(at_most(f"n={n}: 3-layer block mean loss vs 3-step PGD (tuned)", s["loss"], pgd["loss"],
+                                  0.0, pgd["paired_stderr"]))
         rows.append(summary_row(s, n=n, loss_median=s["loss_median"], mean_judged=resolved, gd_3=b["gd_3"]["loss"],
                                 pgd_3=pgd["loss"], pgd_3_median=pgd["median"], ols=b["ols"]["loss"],
                                 bayes=b["bayes"]["loss"], general_opt=b["general_form_opt"]["loss"],

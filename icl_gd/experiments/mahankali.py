@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from icl_gd import theory  # noqa: E402
 from icl_gd.config import Config  # noqa: E402
 from icl_gd.experiments.base import Experiment, Size, gamma_panels, loss_check, summary_row
-from icl_gd.experiments.checks import Check  # noqa: E402
+from icl_gd.experiments.checks import ETA_TOL, GAMMA_TOL, NUM_SE, SHAPE_TOL, Check  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # Mahankali et al. 2023
@@ -31,8 +31,8 @@ def _iso_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list[dic
         eta = theory.eta_star(c["n"], c["d"], c["noise"])
         tag = f"sigma={c['noise']}"
         checks += [
-            Check(f"learned eta ({tag}) vs n/(n+d+1+sigma^2)", s["eta_learned"], eta, 0.03),
-            Check(f"||Gamma_eff - eta* I||/||eta* I|| ({tag})", s["rel_error"], 0.05, 0.0, "max"),
+            Check(f"learned eta ({tag}) vs n/(n+d+1+sigma^2)", s["eta_learned"], eta, ETA_TOL),
+            Check(f"||Gamma_eff - eta* I||/||eta* I|| ({tag})", s["rel_error"], GAMMA_TOL, 0.0, "max"),
             loss_check(s, tag),
         ]
         rows.append(summary_row(s, noise=c["noise"], eta_theory=eta))
@@ -62,7 +62,7 @@ def _iso_plot(summaries: list[dict], path: str) -> None:
 
 
 def _precond_members(size: Size) -> list[Config]:
-    return [size.base(covariance="cond", cond=10.0, weight_prior="inverse", noise=s) for s in (0.0, 0.5)]
+    return [size.base(covariance="cond", cond=10.0, weight_prior="inverse", noise=s) for s in NOISES]
 
 
 def _precond_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list[dict]]:
@@ -72,10 +72,11 @@ def _precond_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list
         scale = theory.eta_star(c["n"], c["d"], c["noise"])  # Gamma* = n/(n+d+1+sigma^2) Sigma^-1
         tag = f"sigma={c['noise']}"
         checks += [
-            Check(f"||Gamma_eff - Gamma*||/||Gamma*|| ({tag})", s["rel_error"], 0.05, 0.0, "max"),
+            Check(f"||Gamma_eff - Gamma*||/||Gamma*|| ({tag})", s["rel_error"], GAMMA_TOL, 0.0, "max"),
             Check(f"scale c of Gamma_eff ~ c Sigma^-1 ({tag}) vs n/(n+d+1+sigma^2)", s["sigma_inv_fit"]["scale"],
-                  scale, 0.03),
-            Check(f"Ahn distance of Sigma^1/2 Gamma_eff Sigma^1/2 to I ({tag})", s["ahn_distance"], 0.05, 0.0, "max"),
+                  scale, ETA_TOL),
+            Check(f"Ahn distance of Sigma^1/2 Gamma_eff Sigma^1/2 to I ({tag})", s["ahn_distance"], GAMMA_TOL, 0.0,
+                  "max"),
         ]
         rows.append(summary_row(s, noise=c["noise"], sigma_inv_scale=s["sigma_inv_fit"]["scale"], scale_theory=scale))
     return checks, rows
@@ -96,10 +97,10 @@ def _nonlinear_judge(summaries: list[dict], size: Size) -> tuple[list[Check], li
         t = s["config"]["target"]
         se = float(np.trace(np.asarray(s["gamma_star_stderr"])) / s["config"]["d"]) if s["gamma_star_stderr"] else 0.0
         checks += [
-            Check(f"Gamma_eff is a multiple of I ({t}): scalar-fit residual", s["scalar_fit_residual"], 0.05, 0.0,
-                  "max"),
-            Check(f"learned eta ({t}) vs Monte-Carlo optimum", s["eta_learned"], s["eta_star"],
-                  0.03 + 3 * se / abs(s["eta_star"])),
+            Check(f"Gamma_eff is a multiple of I ({t}): scalar-fit residual", s["scalar_fit_residual"], SHAPE_TOL,
+                  0.0, "max"),
+            Check(f"learned eta ({t}) vs Monte-Carlo optimum (0.5% + {NUM_SE:g} s.e. of the estimate)",
+                  s["eta_learned"], s["eta_star"], ETA_TOL + NUM_SE * se / abs(s["eta_star"])),
             loss_check(s, t),
         ]
         rows.append(summary_row(s, target=t, eta_star_stderr=se))

@@ -8,6 +8,7 @@ One module per job: ``numbers`` (analyze_run), ``figures`` (plots), ``writer`` (
 summary.json of a run or a folder of runs; a re-run reuses stored summaries).
 """
 
+from icl_gd.data import DISTRIBUTION_FIELDS
 from icl_gd.report.figures import (
     depth_axes,
     general_form_heatmaps,
@@ -16,7 +17,7 @@ from icl_gd.report.figures import (
     plot_training,
     plot_weights,
 )
-from icl_gd.report.numbers import DISTRIBUTION_FIELDS, MC_GAMMA_TASKS, analyze_run, one_layer_optimum
+from icl_gd.report.numbers import MC_GAMMA_TASKS, analyze_run, one_layer_optimum
 from icl_gd.report.writer import markdown, write_folder_report, write_off_distribution, write_run_report
 
 __all__ = ["DISTRIBUTION_FIELDS", "MC_GAMMA_TASKS", "analyze_run", "depth_axes", "general_form_heatmaps", "markdown",

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from icl_gd.report.numbers import DISTRIBUTION_FIELDS  # noqa: E402
+from icl_gd.data import DISTRIBUTION_FIELDS  # noqa: E402
 from icl_gd.run import Run  # noqa: E402
 from icl_gd.theory import probes  # noqa: E402
 

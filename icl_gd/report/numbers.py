@@ -16,9 +16,6 @@ from icl_gd.keys import eval_chunks, run_keys
 from icl_gd.run import Run
 from icl_gd.theory import baselines, probes
 
-DISTRIBUTION_FIELDS = ("d", "n", "covariance", "cond", "eigenvalues", "rotate", "rotation_seed", "x_dist", "dof",
-                       "weight_prior", "noise", "noise_dist", "x_scale", "w_scale", "target", "relu_width", "seed",
-                       "eval_tasks")
 MC_GAMMA_TASKS = 2**18
 
 

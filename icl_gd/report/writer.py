@@ -8,8 +8,9 @@ from typing import Any
 
 from icl_gd import watchdog
 from icl_gd.checkpoint import atomic_open
+from icl_gd.data import DISTRIBUTION_FIELDS
 from icl_gd.report.figures import plot_depth, plot_gamma, plot_training, plot_weights
-from icl_gd.report.numbers import DISTRIBUTION_FIELDS, analyze_run
+from icl_gd.report.numbers import analyze_run
 from icl_gd.run import Run
 
 

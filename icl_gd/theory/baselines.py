@@ -33,7 +33,15 @@ import numpy as np
 
 from icl_gd import theory, watchdog
 from icl_gd.config import Config
-from icl_gd.data import Tasks, TaskSpec, covariance_matrix, distribution, prior_covariance, sample_tasks
+from icl_gd.data import (
+    DISTRIBUTION_FIELDS,
+    Tasks,
+    TaskSpec,
+    covariance_matrix,
+    distribution,
+    prior_covariance,
+    sample_tasks,
+)
 from icl_gd.keys import eval_chunks, run_keys, tune_key
 from icl_gd.model import apply, gd_params
 from icl_gd.theory import general_form, probes
@@ -234,16 +242,55 @@ def general_form_config(cfg: Config) -> Config:
                                tie_weights=False)
 
 
+_BASELINE_CACHE: dict[tuple, tuple[dict[str, dict], dict[str, np.ndarray]]] = {}
+_BASELINE_CACHE_SIZE = 8
+
+
+def baseline_errors(cfg: Config, max_steps: int, gamma_one_layer: np.ndarray | None = None,
+                    num_tune_tasks: int = 2**15) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """(info, per-task squared errors) of ``baseline_predictors`` on the run's held-out tasks.
+
+    Memoised on everything they depend on: the task distribution with its seed and held-out size
+    (``data.DISTRIBUTION_FIELDS``), max_steps, the tuning sample's size, Gamma* and, where the
+    general form's optimum is among them, the depth. The members of a depth ladder or of a model
+    comparison share one distribution, so their tuned GD/PGD, OLS and Bayes are computed once.
+    """
+    general = general_form.has_general_form_optimum(cfg) and (cfg.depth > 1 or cfg.parameterization == "block")
+    gamma = None if gamma_one_layer is None else np.asarray(gamma_one_layer, np.float64).tobytes()
+    key = (tuple(getattr(cfg, f) for f in DISTRIBUTION_FIELDS), max_steps, num_tune_tasks, gamma,
+           cfg.depth if general else None)
+    if key not in _BASELINE_CACHE:
+        preds, info = baseline_predictors(cfg, max_steps, gamma_one_layer, num_tune_tasks)
+        _BASELINE_CACHE[key] = (info, heldout_squared_errors(cfg, preds))
+        while len(_BASELINE_CACHE) > _BASELINE_CACHE_SIZE:
+            _BASELINE_CACHE.pop(next(iter(_BASELINE_CACHE)))
+    return _BASELINE_CACHE[key]
+
+
 def evaluate(cfg: Config, max_steps: int, params: Any = None, gamma_one_layer: np.ndarray | None = None,
              num_tune_tasks: int = 2**15) -> dict[str, dict]:
     """Loss and standard error of every baseline (and of the model, when ``params`` are given, as
-    'model') on the run's held-out tasks; each entry also carries the baseline's tuned numbers."""
-    preds, info = baseline_predictors(cfg, max_steps, gamma_one_layer, num_tune_tasks)
+    'model') on the run's held-out tasks; each entry also carries the baseline's tuned numbers and,
+    with a model, ``paired_stderr``: the standard error of (model loss - baseline loss) on these tasks."""
+    info, errors = baseline_errors(cfg, max_steps, gamma_one_layer, num_tune_tasks)
+    info, errors = dict(info), dict(errors)
     if params is not None:
-        preds.append(Predictor("model", model_predictor(cfg), (params,)))
+        errors |= heldout_squared_errors(cfg, [Predictor("model", model_predictor(cfg), (params,))])
         info["model"] = {"description": "the trained transformer"}
-    errors = heldout_squared_errors(cfg, preds)
-    return {name: {**info[name], **mean_and_stderr(e)} for name, e in errors.items()}
+    out = {name: {**info[name], **mean_and_stderr(e)} for name, e in errors.items()}
+    if "model" in errors:
+        for name, e in errors.items():
+            if name != "model":
+                out[name]["paired_stderr"] = paired_stderr(errors["model"], e)
+    return out
+
+
+def paired_stderr(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of mean(a) - mean(b) for per-task errors of two predictors on the SAME tasks: the
+    spread of the per-task differences, which cancels the tasks' shared difficulty (far below the
+    unpaired sqrt(se_a^2 + se_b^2) when the predictors are close)."""
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return float(diff.std(ddof=1) / np.sqrt(diff.size))
 
 
 def depth_references(cfg: Config, params: Any, num_tune_tasks: int = 2**15) -> dict[str, Any]:
