@@ -6,7 +6,7 @@ import pytest
 
 from icl_gd import theory
 from icl_gd.config import Config
-from icl_gd.experiments import ahn, mahankali
+from icl_gd.experiments import ahn, beyond, mahankali
 from icl_gd.experiments.base import Size
 
 SCALES = {"paper": Size(quick=False), "quick": Size(quick=True)}
@@ -84,3 +84,27 @@ def test_ahn_single_layer_judge_has_no_identity_among_its_claims():
     assert not _verdicts(checks)["||Gamma_eff - ((n+1)/n Sigma + tr(Sigma)/n I)^-1|| / ||.||"]
     s["gamma_learned"] = (gamma * 1.01).tolist()
     assert all(c.passed for c in ahn._ahn1_judge([s], size)[0])
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_label_noise_judge_tells_the_heteroscedastic_step_from_the_gaussian_one(scale):
+    """Each law is judged against its own closed form: the heteroscedastic member at the Gaussian-noise step
+    n/(n+d+1+sigma^2) FAILS (2.2% off at quick scale, 0.7% at paper scale), at its own step it passes; the
+    Laplace member passes at the Gaussian step and fails at the heteroscedastic one."""
+    size = SCALES[scale]
+    gauss_cfg, laplace_cfg, het_cfg = beyond._noise_members(size)
+    eta_g = theory.eta_star(gauss_cfg.n, gauss_cfg.d, gauss_cfg.noise)
+    eta_h = float(np.trace(theory.config_optimum(het_cfg)[0]) / het_cfg.d)
+    assert eta_h < eta_g * (1 - 0.005)
+    name = "learned eta (heteroscedastic noise, sigma=0.7) vs tr(Gamma*)/d of this law's closed form"
+    good, _ = beyond._noise_judge([_one_layer(c, e * 1.002) for c, e in
+                                   ((gauss_cfg, eta_g), (laplace_cfg, eta_g), (het_cfg, eta_h))], size)
+    assert all(c.passed for c in good) and len(good) == 9
+    bad, _ = beyond._noise_judge([_one_layer(het_cfg, eta_g)], size)
+    assert not _verdicts(bad)[name]
+    bad, _ = beyond._noise_judge([_one_layer(laplace_cfg, eta_h)], size)
+    assert not _verdicts(bad)["learned eta (laplace noise, sigma=0.7) vs tr(Gamma*)/d of this law's closed form"]
+    bad, _ = beyond._noise_judge([_one_layer(het_cfg, eta_h, rel_error=0.03)], size)
+    assert not all(c.passed for c in bad)
+    bad, _ = beyond._noise_judge([_one_layer(het_cfg, eta_h, excess=0.03)], size)
+    assert not all(c.passed for c in bad)

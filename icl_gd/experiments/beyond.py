@@ -1,4 +1,5 @@
-"""Beyond the papers: their open questions (attention variants, label-noise laws), reported."""
+"""Beyond the papers: their open questions. Attention variants are reported; label-noise laws are judged
+against the one-layer closed forms extended to them (``theory.noise_moment``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import numpy as np  # noqa: E402
 
 from icl_gd import theory  # noqa: E402
 from icl_gd.config import Config  # noqa: E402
-from icl_gd.experiments.base import Experiment, Size, summary_row
-from icl_gd.experiments.checks import Check  # noqa: E402
+from icl_gd.experiments.base import Experiment, Size, loss_check, summary_row
+from icl_gd.experiments.checks import ETA_TOL, GAMMA_TOL, Check  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------
@@ -55,12 +56,28 @@ def _noise_members(size: Size) -> list[Config]:
 
 
 def _noise_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list[dict]]:
-    rows = []
+    """Every law against its own closed-form optimum (Gaussian x, linear targets): Gaussian and Laplace
+    noise of variance sigma^2 share Gamma* = n/(n+d+1+sigma^2) I (the one-layer predictor is linear in eps,
+    so only E eps^2 enters L(Gamma)); heteroscedastic noise Var(eps | x) = sigma^2 |x|^2 / tr(Sigma) adds
+    sigma^2/n (Sigma + 2 Sigma^2/tr Sigma) to S, so Gamma* = n/(n+d+1+sigma^2 (d+2)/d) I at Sigma = I: a
+    smaller step (2.2% at d=3, n=10; 0.7% at d=5, n=20, sigma=0.7), which the 0.5% eta tolerance resolves."""
+    checks, rows = [], []
     for s in summaries:
         c = s["config"]
-        rows.append(summary_row(s, noise_dist=c["noise_dist"], optimum=s["loss_star_source"],
-                         eta_gaussian_formula=theory.eta_star(c["n"], c["d"], c["noise"])))
-    return [], rows
+        cfg = Config.from_dict(c)
+        optimum = theory.config_optimum(cfg)
+        if optimum is None:
+            raise ValueError(f"no closed form for noise_dist={c['noise_dist']}")
+        eta = float(np.trace(optimum[0]) / c["d"])
+        tag = f"{c['noise_dist']} noise, sigma={c['noise']}"
+        checks += [
+            Check(f"learned eta ({tag}) vs tr(Gamma*)/d of this law's closed form", s["eta_learned"], eta, ETA_TOL),
+            Check(f"||Gamma_eff - Gamma*||/||Gamma*|| ({tag})", s["rel_error"], GAMMA_TOL, 0.0, "max"),
+            loss_check(s, tag),
+        ]
+        rows.append(summary_row(s, noise_dist=c["noise_dist"], optimum=s.get("loss_star_source"), eta_theory=eta,
+                                eta_gaussian_formula=theory.eta_star(c["n"], c["d"], c["noise"])))
+    return checks, rows
 
 
 def _noise_plot(summaries: list[dict], path: str) -> None:
@@ -69,7 +86,7 @@ def _noise_plot(summaries: list[dict], path: str) -> None:
     c0 = summaries[0]["config"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     axes[0].bar(x - 0.2, [s["eta_learned"] for s in summaries], 0.4, label="trained: tr(Gamma_eff)/d")
-    axes[0].bar(x + 0.2, [s["eta_star"] for s in summaries], 0.4, label="optimum (closed form or Monte Carlo)")
+    axes[0].bar(x + 0.2, [s["eta_star"] for s in summaries], 0.4, label="closed-form optimum tr(Gamma*)/d")
     axes[0].axhline(theory.eta_star(c0["n"], c0["d"], c0["noise"]), color="k", ls="--",
                     label="n/(n+d+1+sigma^2) (Gaussian noise)")
     axes[0].set(ylabel="effective step size eta", title=f"Label-noise law, sigma={c0['noise']}")
@@ -91,6 +108,9 @@ EXPERIMENTS = (
                "open question: multi-head and softmax attention on noisy isotropic tasks (reported, not judged)",
                _beyond_members, _beyond_judge, _beyond_plot, reported_only=True),
     Experiment("beyond_label_noise",
-               "open question: Laplace (heavy-tailed) and heteroscedastic label noise of the same variance "
-               "(reported, not judged)", _noise_members, _noise_judge, _noise_plot, reported_only=True),
+               "open question: Laplace (heavy-tailed) and heteroscedastic (Var(eps|x) ~ |x|^2) label noise of the "
+               "same variance: the trained 1-layer LSA is still one GD step, of the closed-form size of each law: "
+               "Laplace = Gaussian n/(n+d+1+sigma^2) (only E eps^2 enters), heteroscedastic the smaller "
+               "n/(n+d+1+sigma^2 (d+2)/d) (S gains sigma^2/n (Sigma + 2 Sigma^2/tr Sigma))",
+               _noise_members, _noise_judge, _noise_plot),
 )

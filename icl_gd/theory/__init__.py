@@ -25,6 +25,7 @@ from icl_gd.theory.optima import (
     loss_star,
     mc_gamma_star,
     mc_loss,
+    noise_moment,
     one_step_predict,
     optimal_step_sizes,
     oracle_preconditioner,
@@ -39,6 +40,7 @@ from icl_gd.theory.optima import (
 __all__ = [
     "MCEstimate", "ahn_preconditioner", "best_scale", "config_optimum", "context_mean", "eta_star", "gamma_star",
     "has_closed_form", "inverse_prior_gamma_star", "isotropic_loss_star", "krylov_features", "loss_of_gamma",
-    "loss_star", "mc_gamma_star", "mc_loss", "one_step_predict", "optimal_step_sizes", "oracle_preconditioner",
-    "pgd_predict", "pgd_weights", "scaled_pgd_predict", "second_moment", "step_gammas", "step_polynomial",
+    "loss_star", "mc_gamma_star", "mc_loss", "noise_moment", "one_step_predict", "optimal_step_sizes",
+    "oracle_preconditioner", "pgd_predict", "pgd_weights", "scaled_pgd_predict", "second_moment", "step_gammas",
+    "step_polynomial",
 ]

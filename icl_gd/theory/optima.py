@@ -3,7 +3,8 @@
 Setting: x ~ N(0, Sigma), w ~ N(0, Omega), y = x^T w + eps, eps ~ N(0, sigma^2) on every pair.
 The one-layer predictor is yhat = (1/n) x_q^T Gamma X^T y = x_q^T Gamma g with g = (1/n) X^T y.
 
-* Closed forms (float64 NumPy, exact): ``second_moment``, ``loss_of_gamma``, ``gamma_star``,
+* Closed forms (float64 NumPy, exact; label noise Gaussian, Laplace or heteroscedastic via
+  ``noise_dist``, see ``noise_moment``): ``second_moment``, ``loss_of_gamma``, ``gamma_star``,
   ``loss_star``, ``best_scale`` and the special cases ``eta_star``, ``isotropic_loss_star``,
   ``inverse_prior_gamma_star``, ``ahn_preconditioner``.
 * Monte Carlo, for any distribution ``data.sample_tasks`` can draw (sphere / Student-t x,
@@ -30,7 +31,25 @@ from icl_gd.data import Distribution, Tasks, TaskSpec, covariance_matrix, prior_
 # ---------------------------------------------------------------------------------------
 # Exact closed forms (Gaussian x, linear target).
 # ---------------------------------------------------------------------------------------
-def second_moment(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float) -> np.ndarray:
+def noise_moment(sigma: np.ndarray, noise: float, noise_dist: str = "gaussian") -> np.ndarray:
+    """E[eps^2 x x^T] for one pair (x, eps): the label noise's share of n S (``second_moment``).
+
+    Noise independent of x ("gaussian", "laplace": mean 0, variance sigma^2): sigma^2 Sigma.
+    "heteroscedastic" (``data._unit_noise``: Var(eps | x) = sigma^2 |x|^2 / tr(Sigma), E eps^2 =
+    sigma^2 overall): by Isserlis' theorem with A = I, E[|x|^2 x x^T] = E[x x^T x x^T] =
+    2 Sigma^2 + tr(Sigma) Sigma for x ~ N(0, Sigma), so
+
+        E[eps^2 x x^T] = sigma^2 / tr(Sigma) (2 Sigma^2 + tr(Sigma) Sigma) = sigma^2 (Sigma + 2 Sigma^2 / tr(Sigma)).
+
+    The noise grows along |x|, so it weighs the large-variance directions of Sigma more.
+    """
+    if noise_dist == "heteroscedastic":
+        return noise**2 * (sigma + 2 * sigma @ sigma / np.trace(sigma))
+    return noise**2 * sigma
+
+
+def second_moment(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float,
+                  noise_dist: str = "gaussian") -> np.ndarray:
     """S = E[g g^T] for g = (1/n) X^T y.
 
     With X^T X = sum_i x_i x_i^T and Isserlis' theorem E[x x^T A x x^T] = 2 Sigma A Sigma +
@@ -40,43 +59,57 @@ def second_moment(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float) ->
         S = (n+1)/n Sigma Omega Sigma + (tr(Omega Sigma) + sigma^2)/n Sigma.
 
     (Mahankali et al. 2023, proof of Thm. 2 / Lemma D.2; Ahn et al. 2023, Lemma 6.)
+
+    The noise term is (1/n^2) sum_i E[eps_i^2 x_i x_i^T] = (1/n) ``noise_moment`` for any noise
+    with E[eps_i | X, w] = 0, independent across pairs (the cross terms with the signal
+    (1/n) X^T X w and between pairs vanish). For heteroscedastic noise it is
+    sigma^2 / (n tr Sigma) (2 Sigma^2 + tr(Sigma) Sigma) instead of (sigma^2 / n) Sigma: the same
+    derivation as Mahankali et al. 2023's proof of Thm. 1/2 with only this term replaced.
     """
     tr = float(np.trace(omega @ sigma))
-    return (n + 1) / n * sigma @ omega @ sigma + (tr + noise**2) / n * sigma
+    return (n + 1) / n * sigma @ omega @ sigma + tr / n * sigma + noise_moment(sigma, noise, noise_dist) / n
 
 
-def loss_of_gamma(gamma: np.ndarray, sigma: np.ndarray, omega: np.ndarray, n: int, noise: float) -> float:
+def loss_of_gamma(gamma: np.ndarray, sigma: np.ndarray, omega: np.ndarray, n: int, noise: float,
+                  noise_dist: str = "gaussian") -> float:
     """Exact E[(yhat - y_q)^2] of yhat = x_q^T Gamma g, for ANY Gamma:
 
         L(Gamma) = tr(Sigma Gamma S Gamma^T) - 2 tr(Sigma Gamma Sigma Omega) + tr(Sigma Omega) + sigma^2,
 
     using E[g w^T] = Sigma Omega and x_q independent of (g, w) (Mahankali et al. 2023, eq. (4.1)).
+    Only S depends on the noise law (``second_moment``): E[g w^T] = Sigma Omega still, the query's
+    noise has E[eps_q | x_q] = 0 (no cross term) and E eps_q^2 = sigma^2 for every law here
+    (heteroscedastic: sigma^2 E|x_q|^2 / tr(Sigma) = sigma^2). The predictor is linear in the
+    noise, so only these second moments enter: Laplace noise gives exactly the Gaussian L(Gamma).
     """
-    s = second_moment(sigma, omega, n, noise)
+    s = second_moment(sigma, omega, n, noise, noise_dist)
     return float(np.trace(sigma @ gamma @ s @ gamma.T) - 2 * np.trace(sigma @ gamma @ sigma @ omega)
                  + np.trace(sigma @ omega) + noise**2)
 
 
-def gamma_star(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float) -> np.ndarray:
+def gamma_star(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float, noise_dist: str = "gaussian") -> np.ndarray:
     """The minimiser of ``loss_of_gamma``: Sigma Gamma S = Sigma Omega Sigma => Gamma* = Omega Sigma S^-1.
 
     (Setting d L / d Gamma = 2 Sigma Gamma S - 2 Sigma Omega Sigma to zero; L is strictly convex
-    in Gamma since Sigma, S > 0. Mahankali et al. 2023, Thm. 2 for Omega = Sigma^-1.)
+    in Gamma since Sigma, S > 0. Mahankali et al. 2023, Thm. 2 for Omega = Sigma^-1.) Any noise
+    law enters through S alone. For Sigma = Omega = I and heteroscedastic noise
+    Gamma* = n / (n + d + 1 + sigma^2 (d+2)/d) I: the noise acts as sigma^2 (1 + 2/d) on the step.
     """
-    s = second_moment(sigma, omega, n, noise)
+    s = second_moment(sigma, omega, n, noise, noise_dist)
     return np.linalg.solve(s.T, (omega @ sigma).T).T
 
 
-def loss_star(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float) -> float:
+def loss_star(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float, noise_dist: str = "gaussian") -> float:
     """L* = L(Gamma*), the best loss of any one-layer LSA (Mahankali et al. 2023, Thm. 1-2)."""
-    return loss_of_gamma(gamma_star(sigma, omega, n, noise), sigma, omega, n, noise)
+    return loss_of_gamma(gamma_star(sigma, omega, n, noise, noise_dist), sigma, omega, n, noise, noise_dist)
 
 
-def best_scale(precond: np.ndarray, sigma: np.ndarray, omega: np.ndarray, n: int, noise: float) -> float:
+def best_scale(precond: np.ndarray, sigma: np.ndarray, omega: np.ndarray, n: int, noise: float,
+               noise_dist: str = "gaussian") -> float:
     """argmin_c L(c P) = tr(Sigma P Sigma Omega) / tr(Sigma P S P^T): the tuned step of one GD step
     with preconditioner P (L(cP) is the quadratic c^2 tr(Sigma P S P^T) - 2c tr(Sigma P Sigma Omega) + const,
     from eq. (4.1) of Mahankali et al. 2023 as in ``loss_of_gamma``)."""
-    s = second_moment(sigma, omega, n, noise)
+    s = second_moment(sigma, omega, n, noise, noise_dist)
     return float(np.trace(sigma @ precond @ sigma @ omega) / np.trace(sigma @ precond @ s @ precond.T))
 
 
@@ -107,18 +140,29 @@ def ahn_preconditioner(sigma: np.ndarray, n: int) -> np.ndarray:
     return np.linalg.inv((n + 1) / n * sigma + np.trace(sigma) / n * np.eye(d))
 
 
-def has_closed_form(cfg: Config) -> bool:
-    """The closed forms hold for Gaussian x, linear targets and noise independent of x (they see
-    it only through sigma^2, so Laplace noise qualifies); any Sigma, either prior."""
-    return cfg.x_dist == "gaussian" and cfg.target == "linear" and cfg.noise_dist != "heteroscedastic"
+def has_closed_form(cfg: Config, noise_dist_aware: bool = False) -> bool:
+    """Whether the closed forms give the exact one-layer optimum of ``cfg``'s distribution:
+    Gaussian x and linear targets; any Sigma, any prior.
+
+    The noise may be any law independent of x (it enters only through sigma^2, so Laplace
+    qualifies) and, for a caller that passes ``noise_dist=cfg.noise_dist`` to the closed forms
+    (``noise_dist_aware=True``, as ``config_optimum`` does), heteroscedastic noise too. A caller
+    that passes the scalar ``cfg.noise`` alone (the default) gets False for heteroscedastic
+    noise, whose S differs (``noise_moment``).
+    """
+    if cfg.x_dist != "gaussian" or cfg.target != "linear":
+        return False
+    return noise_dist_aware or cfg.noise_dist != "heteroscedastic"
 
 
 def config_optimum(cfg: Config) -> tuple[np.ndarray, float] | None:
-    """(Gamma*, L*) for a run's distribution, or None where no closed form applies."""
-    if not has_closed_form(cfg):
+    """(Gamma*, L*) for a run's distribution (heteroscedastic noise included), or None where no
+    closed form applies."""
+    if not has_closed_form(cfg, noise_dist_aware=True):
         return None
     sigma, omega = covariance_matrix(cfg), prior_covariance(cfg)
-    return gamma_star(sigma, omega, cfg.n, cfg.noise), loss_star(sigma, omega, cfg.n, cfg.noise)
+    return (gamma_star(sigma, omega, cfg.n, cfg.noise, cfg.noise_dist),
+            loss_star(sigma, omega, cfg.n, cfg.noise, cfg.noise_dist))
 
 
 # ---------------------------------------------------------------------------------------
