@@ -80,8 +80,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         train(cfg, str(tmp_path))
     run_steps = icl_gd.checkpoint.Checkpointer(str(tmp_path), read_only=True).all_steps()
     bad_step = int(re.search(r"non-finite training loss at step (\d+)", str(err.value)).group(1))
-    assert run_steps and max(run_steps) <= bad_step < cfg.steps
+    # Every kept step precedes the first non-finite loss (a checkpoint AT bad_step would hold the
+    # very params whose loss was non-finite), and the latest one is the step the message names.
+    assert run_steps and max(run_steps) < bad_step < cfg.steps
     assert f"last good checkpoint kept: step {max(run_steps)}" in str(err.value)
+    latest = icl_gd.load(str(tmp_path))
+    assert latest.step == max(run_steps)
+    assert [m["step"] for m in latest.metrics] == [25 * (i + 1) for i in range(latest.step // 25)]
+    assert all(np.isfinite(m["train_loss"]) and np.isfinite(m["eval_loss"]) for m in latest.metrics)
     for step in run_steps:
-        params = icl_gd.load(str(tmp_path), step=step).params
-        assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+        run = icl_gd.load(str(tmp_path), step=step)
+        assert run.step == step
+        assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves((run.params, run.opt_state)))
