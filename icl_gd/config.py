@@ -13,7 +13,7 @@ from typing import Any
 
 COVARIANCES = ("isotropic", "cond", "eigenvalues")
 X_DISTS = ("gaussian", "sphere", "student_t")
-WEIGHT_PRIORS = ("identity", "inverse")
+WEIGHT_PRIORS = ("identity", "inverse", "eigenvalues")
 NOISE_DISTS = ("gaussian", "laplace", "heteroscedastic")
 TARGETS = ("linear", "tanh", "relu_net")
 PARAMETERIZATIONS = ("full", "sparse", "block")
@@ -69,7 +69,11 @@ class Config:
     rotation_seed: int = _f(0, "Seed of the random rotation of Sigma.")
     x_dist: str = _f("gaussian", f"Law of the covariates, all with E[x x^T] = Sigma: one of {X_DISTS}.")
     dof: float = _f(5.0, "Degrees of freedom of --x_dist=student_t (heavy-tailed radius); must be > 2.")
-    weight_prior: str = _f("identity", "Prior of w: identity (w ~ N(0, I)) or inverse (w ~ N(0, Sigma^-1)).")
+    weight_prior: str = _f("identity", "Prior of w: identity (w ~ N(0, I)), inverse (w ~ N(0, Sigma^-1)) or "
+                                       "eigenvalues (w ~ N(0, Omega), Omega's spectrum --prior_eigenvalues).")
+    prior_eigenvalues: tuple[float, ...] = _f((), "Eigenvalues of Omega = E[w w^T] (length d) for "
+                                                  "--weight_prior=eigenvalues, rotated like Sigma's spectrum "
+                                                  "(--rotate/--rotation_seed, also when Sigma is isotropic).")
     noise: float = _f(0.0, "Label noise std sigma (eps ~ N(0, sigma^2) on every pair, the query included).")
     noise_dist: str = _f("gaussian", f"Law of the label noise, all of variance sigma^2: one of {NOISE_DISTS}.")
     x_scale: float = _f(1.0, "Stretch of the covariates: x -> x_scale x, so Sigma -> x_scale^2 Sigma while the "
@@ -109,6 +113,7 @@ class Config:
     def __post_init__(self) -> None:
         # Flags and JSON give lists; keep the dataclass hashable and immutable.
         object.__setattr__(self, "eigenvalues", tuple(float(v) for v in self.eigenvalues))
+        object.__setattr__(self, "prior_eigenvalues", tuple(float(v) for v in self.prior_eigenvalues))
 
     @classmethod
     def create(cls, **fields: Any) -> Config:
@@ -124,6 +129,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["eigenvalues"] = list(self.eigenvalues)
+        out["prior_eigenvalues"] = list(self.prior_eigenvalues)
         return out
 
     def to_json(self) -> str:
@@ -181,6 +187,15 @@ class Config:
                 raise ConfigError("eigenvalues", list(ev), "every eigenvalue must be finite and > 0")
         elif self.eigenvalues:  # a value nobody reads must not be stored (and NaN != NaN blocks resumes)
             raise ConfigError("eigenvalues", list(self.eigenvalues), "only --covariance=eigenvalues uses it")
+        if self.weight_prior == "eigenvalues":
+            pev = self.prior_eigenvalues
+            if len(pev) != self.d:
+                raise ConfigError("prior_eigenvalues", list(pev), f"need exactly d={self.d} values")
+            if not all(math.isfinite(v) and v > 0 for v in pev):
+                raise ConfigError("prior_eigenvalues", list(pev), "every eigenvalue must be finite and > 0")
+        elif self.prior_eigenvalues:
+            raise ConfigError("prior_eigenvalues", list(self.prior_eigenvalues),
+                              "only --weight_prior=eigenvalues uses it")
         if self.warmup_steps and self.schedule != "warmup_cosine":
             raise ConfigError("warmup_steps", self.warmup_steps, "only --schedule=warmup_cosine uses it")
         if self.weight_decay and self.optimizer != "adamw":

@@ -5,8 +5,9 @@ One task is n context pairs (x_i, y_i) and one query pair (x_q, y_q), all drawn 
     x ~ P_x with E[x x^T] = Sigma,   w ~ N(0, Omega),   y = f_w(x) + eps,   eps ~ N(0, sigma^2),
 
 with the noise on every pair, the query included (so the Bayes floor of any predictor is
-sigma^2). Omega = I ("identity" prior) or Omega = Sigma^-1 ("inverse" prior, the setting of
-Mahankali et al. 2023, Thm. 2, where one *preconditioned* GD step is optimal).
+sigma^2). Omega = I ("identity" prior), Omega = Sigma^-1 ("inverse" prior, the setting of
+Mahankali et al. 2023, Thm. 2, where one *preconditioned* GD step is optimal) or Omega of a given
+spectrum ("eigenvalues" prior, ``prior_eigenvalues``, rotated like Sigma's).
 
 The distribution's numbers (Sigma^1/2, Omega^1/2, sigma) travel as a ``Distribution`` pytree of
 arrays, so members of a sweep that differ only in them share one compiled program (vmap over
@@ -45,8 +46,8 @@ class Tasks(NamedTuple):
 # Every Config field the tasks depend on, the seed and held-out size included: two runs that agree on
 # these draw the same training and held-out tasks (their baselines and references are shared).
 DISTRIBUTION_FIELDS = ("d", "n", "covariance", "cond", "eigenvalues", "rotate", "rotation_seed", "x_dist", "dof",
-                       "weight_prior", "noise", "noise_dist", "x_scale", "w_scale", "target", "relu_width", "seed",
-                       "eval_tasks")
+                       "weight_prior", "prior_eigenvalues", "noise", "noise_dist", "x_scale", "w_scale", "target",
+                       "relu_width", "seed", "eval_tasks")
 
 
 class Distribution(NamedTuple):
@@ -113,15 +114,26 @@ def covariance_matrix(cfg: Config) -> np.ndarray:
 
 
 def _prior_spectrum(cfg: Config) -> np.ndarray:
-    """Eigenvalues of Omega / w_scale^2: ones (identity prior) or 1 / lambda (inverse prior, of the
-    unstretched Sigma: --x_scale stretches x at a fixed law of w)."""
+    """Eigenvalues of Omega / w_scale^2: ones (identity prior), 1 / lambda (inverse prior, of the
+    unstretched Sigma: --x_scale stretches x at a fixed law of w) or ``prior_eigenvalues``."""
+    if cfg.weight_prior == "eigenvalues":
+        return np.asarray(cfg.prior_eigenvalues, dtype=np.float64)
     return np.ones(cfg.d) if cfg.weight_prior == "identity" else 1.0 / spectrum(cfg)
 
 
+def prior_eigenbasis(cfg: Config) -> np.ndarray:
+    """Eigenvectors of Omega (columns): Sigma's (``eigenbasis``), except that an explicit prior spectrum
+    is rotated by the ``rotation_seed`` rotation whenever ``rotate`` is on, also when Sigma is isotropic
+    (then Omega alone is anisotropic). With an anisotropic rotated Sigma both share that rotation."""
+    if cfg.weight_prior == "eigenvalues":
+        return random_orthogonal(cfg.d, cfg.rotation_seed) if cfg.rotate else np.eye(cfg.d)
+    return eigenbasis(cfg)
+
+
 def prior_covariance(cfg: Config) -> np.ndarray:
-    """Omega = E[w w^T] = w_scale^2 I (identity prior) or w_scale^2 Sigma_0^-1 (inverse prior), with
-    Sigma_0 the covariance before --x_scale."""
-    return cfg.w_scale**2 * _from_eig(eigenbasis(cfg), _prior_spectrum(cfg))
+    """Omega = E[w w^T] = w_scale^2 I (identity prior), w_scale^2 Sigma_0^-1 (inverse prior), with
+    Sigma_0 the covariance before --x_scale, or w_scale^2 U diag(prior_eigenvalues) U^T (eigenvalues prior)."""
+    return cfg.w_scale**2 * _from_eig(prior_eigenbasis(cfg), _prior_spectrum(cfg))
 
 
 def distribution(cfg: Config) -> Distribution:
@@ -129,7 +141,8 @@ def distribution(cfg: Config) -> Distribution:
     u, lam = eigenbasis(cfg), spectrum(cfg)
     return Distribution(
         sigma_sqrt=jnp.asarray(cfg.x_scale * _from_eig(u, np.sqrt(lam)), jnp.float32),
-        prior_sqrt=jnp.asarray(cfg.w_scale * _from_eig(u, np.sqrt(_prior_spectrum(cfg))), jnp.float32),
+        prior_sqrt=jnp.asarray(cfg.w_scale * _from_eig(prior_eigenbasis(cfg), np.sqrt(_prior_spectrum(cfg))),
+                               jnp.float32),
         noise=jnp.asarray(cfg.noise, jnp.float32),
     )
 

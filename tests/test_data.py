@@ -65,6 +65,26 @@ def test_weight_prior_covariance(spectrum, prior):
         np.testing.assert_allclose(prior_covariance(cfg) @ covariance_matrix(cfg), np.eye(4), atol=1e-10)
 
 
+@pytest.mark.parametrize("spectrum", [SPECTRA[0], SPECTRA[1], SPECTRA[2]])
+@pytest.mark.parametrize("rotate", [True, False])
+def test_eigenvalues_prior_covariance(spectrum, rotate):
+    """--weight_prior=eigenvalues: E[w w^T] = U diag(prior_eigenvalues) U^T, U the rotation_seed rotation when
+    rotate is on (also for isotropic Sigma, which it leaves alone), else I; Sigma's own basis when rotated."""
+    pev = (4.0, 2.0, 1.0, 0.25)
+    cfg = Config(d=4, n=2, weight_prior="eigenvalues", prior_eigenvalues=pev, **{**spectrum, "rotate": rotate})
+    _, w = _draw(cfg, batch=N)
+    omega = prior_covariance(cfg)
+    _check_second_moment(w, omega)
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(omega))[::-1], pev, rtol=1e-10)
+    u = random_orthogonal(4, cfg.rotation_seed) if rotate else np.eye(4)
+    np.testing.assert_allclose(omega, (u * pev) @ u.T, atol=1e-12)
+    np.testing.assert_allclose(covariance_matrix(cfg), covariance_matrix(dataclasses.replace(
+        cfg, weight_prior="identity", prior_eigenvalues=())), atol=0)
+    if spectrum["covariance"] != "isotropic" and rotate:  # one eigenbasis: Sigma and Omega commute
+        sigma = covariance_matrix(cfg)
+        np.testing.assert_allclose(sigma @ omega, omega @ sigma, atol=1e-10)
+
+
 def test_spectrum_construction():
     cfg = Config(d=4, covariance="cond", cond=8.0, rotation_seed=5)
     ev = np.sort(np.linalg.eigvalsh(covariance_matrix(cfg)))[::-1]
@@ -135,3 +155,20 @@ def test_non_gaussian_label_noise_has_variance_sigma_squared(noise_dist):
     else:  # the variance follows |x|^2 / tr(Sigma)
         slope = np.mean(r2 * (x**2).sum(-1).ravel()) / np.mean((x**2).sum(-1) ** 2)
         assert abs(slope * np.trace(covariance_matrix(cfg)) - 0.49) < 0.03
+
+
+def test_prior_eigenvalues_validation():
+    """Length d, finite, > 0; rejected unless --weight_prior=eigenvalues (like --eigenvalues without
+    --covariance=eigenvalues)."""
+    from icl_gd.config import ConfigError
+
+    Config(d=3, weight_prior="eigenvalues", prior_eigenvalues=(4, 2, 1)).validate()
+    for bad in ((4.0, 2.0), (4.0, 2.0, 0.0), (4.0, float("nan"), 1.0), (4.0, float("inf"), 1.0)):
+        with pytest.raises(ConfigError, match="prior_eigenvalues"):
+            Config(d=3, weight_prior="eigenvalues", prior_eigenvalues=bad).validate()
+    with pytest.raises(ConfigError, match="prior_eigenvalues"):
+        Config(d=3, weight_prior="identity", prior_eigenvalues=(4, 2, 1)).validate()
+    with pytest.raises(ConfigError, match="prior_eigenvalues"):
+        Config(d=3, weight_prior="eigenvalues").validate()
+    cfg = Config(d=3, weight_prior="eigenvalues", prior_eigenvalues=[4, 2, 1])
+    assert cfg.prior_eigenvalues == (4.0, 2.0, 1.0) and Config.from_dict(cfg.to_dict()) == cfg

@@ -6,7 +6,7 @@ import pytest
 
 from icl_gd import theory
 from icl_gd.config import Config
-from icl_gd.experiments import ahn, beyond, mahankali
+from icl_gd.experiments import ahn, beyond, mahankali, prior
 from icl_gd.experiments.base import Size
 
 SCALES = {"paper": Size(quick=False), "quick": Size(quick=True)}
@@ -108,3 +108,39 @@ def test_label_noise_judge_tells_the_heteroscedastic_step_from_the_gaussian_one(
     assert not all(c.passed for c in bad)
     bad, _ = beyond._noise_judge([_one_layer(het_cfg, eta_h, excess=0.03)], size)
     assert not all(c.passed for c in bad)
+
+
+def _prior_summary(cfg: Config, gamma: np.ndarray, excess: float = 0.0, gain: float | None = None) -> dict:
+    """A one-layer beyond_prior summary with Gamma_eff = ``gamma``; the tuned plain GD step loses ``gain`` (default:
+    the exact gap) to the model on the same tasks."""
+    from icl_gd.theory import probes
+
+    g_star, _ = theory.config_optimum(cfg)
+    gap, _ = prior._plain_gd_gap(cfg)
+    s = _one_layer(cfg, float(np.trace(gamma) / cfg.d), rel_error=probes.relative_error(gamma, g_star),
+                   excess=excess, gamma_learned=gamma.tolist(), gamma_star=g_star.tolist(),
+                   scalar_fit_residual=probes.scalar_fit(gamma)[1],
+                   scalar_fit_residual_star=probes.scalar_fit(g_star)[1])
+    s["baselines"]["gd_1"] = {"loss": s["loss"] + (gap if gain is None else gain), "stderr": 0.01,
+                              "paired_stderr": 2e-3}
+    return s
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_prior_judge_rejects_a_multiple_of_the_identity(scale):
+    """Gamma* 1% off passes; the best plain step eta I (the isotropic answer), Gamma* 3% off, a loss 3% above the
+    optimum, or a model no better than plain GD (gain a third of the gap) fail."""
+    size = SCALES[scale]
+    cfg = prior._members(size)[1]
+    g_star, _ = theory.config_optimum(cfg)
+    direction = np.random.default_rng(0).standard_normal(g_star.shape)
+    off = lambda r: g_star + r * np.linalg.norm(g_star) * direction / np.linalg.norm(direction)  # noqa: E731
+    good, _ = prior._judge([_prior_summary(cfg, off(0.01))], size)
+    assert all(c.passed for c in good) and len(good) == 4
+    _, eta_plain = prior._plain_gd_gap(cfg)
+    for bad in (_prior_summary(cfg, eta_plain * np.eye(cfg.d)), _prior_summary(cfg, off(0.03)),
+                _prior_summary(cfg, off(0.01), excess=0.03)):
+        assert not all(c.passed for c in prior._judge([bad], size)[0])
+    gap, _ = prior._plain_gd_gap(cfg)
+    checks, _ = prior._judge([_prior_summary(cfg, off(0.01), gain=gap / 3)], size)
+    assert [c.passed for c in checks] == [True, True, True, False]

@@ -29,6 +29,8 @@ HETERO_CASES = [
     Config(d=3, n=8, noise=1.0, covariance="eigenvalues", eigenvalues=(2.0, 0.7, 0.2), noise_dist="heteroscedastic"),
     Config(d=3, n=8, noise=1.5, covariance="cond", cond=5.0, weight_prior="inverse", noise_dist="heteroscedastic"),
 ]
+# An anisotropic prior alone: Sigma = I, Omega = U diag(4, 1, 0.25) U^T (rotated).
+PRIOR_CASE = Config(d=3, n=8, noise=0.5, weight_prior="eigenvalues", prior_eigenvalues=(4.0, 1.0, 0.25))
 
 
 def _exact(cfg: Config):
@@ -52,7 +54,7 @@ def _batch_means(samples: np.ndarray, batches: int = MC_BATCHES) -> tuple[np.nda
     return means.mean(0), means.std(0, ddof=1) / np.sqrt(batches)
 
 
-@pytest.mark.parametrize("cfg", CASES + HETERO_CASES,
+@pytest.mark.parametrize("cfg", CASES + HETERO_CASES + [PRIOR_CASE],
                          ids=lambda c: f"d{c.d}n{c.n}s{c.noise}{c.covariance}-{c.weight_prior}-{c.noise_dist}")
 def test_closed_forms_match_monte_carlo(cfg):
     """S = E[g g^T], E[g w^T] = Sigma Omega and the exact L(Gamma) of a random Gamma, against Monte Carlo."""
@@ -97,8 +99,8 @@ def test_jax_sampler_moments_match_closed_form():
 
 
 @pytest.mark.parametrize("cfg", [*CASES[:2], HETERO_CASES[1],
-                                 dataclasses.replace(HETERO_CASES[1], noise_dist="laplace")],
-                         ids=["identity", "inverse", "heteroscedastic", "laplace"])
+                                 dataclasses.replace(HETERO_CASES[1], noise_dist="laplace"), PRIOR_CASE],
+                         ids=["identity", "inverse", "heteroscedastic", "laplace", "prior-eigenvalues"])
 def test_mc_gamma_star_matches_closed_form(cfg):
     """The JAX sampler's optimum (normal equations over vec Gamma) is the closed form's, noise law included:
     heteroscedastic through its own S, Laplace through the Gaussian S of the same variance."""
@@ -148,6 +150,28 @@ def test_special_cases():
                                    rtol=1e-10)
         assert not np.allclose(theory.gamma_star(sigma, eye, n, 0.0),
                                theory.best_scale(np.linalg.inv(sigma), sigma, eye, n, 0.0) * np.linalg.inv(sigma))
+
+
+def test_anisotropic_prior_alone_changes_gamma_star():
+    """Sigma = I, w ~ N(0, Omega): Gamma* = Omega ((n+1)/n Omega + (tr Omega + sigma^2)/n I)^-1, i.e. eigenvalues
+    n w_i / ((n+1) w_i + tr Omega + sigma^2) along Omega's eigenvectors: no multiple of I (the response law
+    alone changes the algorithm), yet still one preconditioned GD step, its preconditioner commuting with Omega."""
+    from icl_gd.theory import probes
+
+    for d, n, noise in ((3, 10, 0.0), (3, 10, 0.5), (5, 20, 0.0), (5, 20, 0.5)):
+        cfg = Config(d=d, n=n, noise=noise, weight_prior="eigenvalues", prior_eigenvalues=(4, 2, 1, 0.5, 0.25)[:d])
+        g, l = theory.config_optimum(cfg)
+        omega, eye = prior_covariance(cfg), np.eye(d)
+        np.testing.assert_allclose(covariance_matrix(cfg), eye)
+        closed = omega @ np.linalg.inv((n + 1) / n * omega + (np.trace(omega) + noise**2) / n * eye)
+        np.testing.assert_allclose(g, closed, rtol=1e-10, atol=1e-12)
+        w = np.asarray(cfg.prior_eigenvalues)
+        np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(g)), np.sort(n * w / ((n + 1) * w + w.sum() + noise**2)),
+                                   rtol=1e-10)
+        np.testing.assert_allclose(g @ omega, omega @ g, atol=1e-10)
+        assert probes.scalar_fit(g)[1] > 0.1
+        best_plain = theory.best_scale(eye, eye, omega, n, noise) * eye  # the best plain GD step eta I loses
+        assert l < theory.loss_of_gamma(best_plain, eye, omega, n, noise) - 1e-3
 
 
 def test_config_optimum():

@@ -30,9 +30,9 @@ from icl_gd.config import OPERATIONAL_FIELDS, Config, ConfigError
 # Fields that only change the Distribution arrays or the keys: members differing only in these
 # share one compiled program.
 VMAPPABLE_FIELDS = ("covariance", "cond", "eigenvalues", "rotate", "rotation_seed", "weight_prior", "noise", "seed",
-                    "x_scale", "w_scale")
+                    "x_scale", "w_scale", "prior_eigenvalues")
 # Fields added after sweeps existed: hashed only when set, so older members keep their folder names.
-HASHED_WHEN_SET = ("x_scale", "w_scale")
+HASHED_WHEN_SET = ("x_scale", "w_scale", "prior_eigenvalues")
 
 _NUM = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
 
@@ -116,9 +116,9 @@ def expand_union(base: Config, grids: Sequence[Axes]) -> list[Config]:
 
 def config_hash(cfg: Config) -> str:
     """8 hex digits over every field that changes training (not the OPERATIONAL_FIELDS)."""
-    default = Config()
+    default = Config().to_dict()  # compared as dicts: a tuple field is a list in both
     data = {k: v for k, v in cfg.to_dict().items()
-            if k not in OPERATIONAL_FIELDS and not (k in HASHED_WHEN_SET and v == getattr(default, k))}
+            if k not in OPERATIONAL_FIELDS and not (k in HASHED_WHEN_SET and v == default[k])}
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
 
