@@ -9,12 +9,14 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from scipy import stats
 
 from icl_gd.config import Config
 from icl_gd.data import (
     TaskSpec,
     covariance_matrix,
     distribution,
+    normal,
     prior_covariance,
     random_orthogonal,
     sample_tasks,
@@ -155,6 +157,76 @@ def test_non_gaussian_label_noise_has_variance_sigma_squared(noise_dist):
     else:  # the variance follows |x|^2 / tr(Sigma)
         slope = np.mean(r2 * (x**2).sum(-1).ravel()) / np.mean((x**2).sum(-1) ** 2)
         assert abs(slope * np.trace(covariance_matrix(cfg)) - 0.49) < 0.03
+
+
+def _whitened_covariates(cfg: Config) -> np.ndarray:
+    """z = x Sigma^-1/2 for every context and query point, [M, d] float64: the white draws of ``x_dist``."""
+    tasks, _ = _draw(cfg)
+    x = np.concatenate([np.asarray(tasks.x).reshape(-1, cfg.d), np.asarray(tasks.x_query)], 0).astype(np.float64)
+    return x @ np.linalg.inv(np.asarray(distribution(cfg).sigma_sqrt, np.float64))
+
+
+def _fourth_moment(z: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """E (u^T z)^4 for each unit row u of ``directions`` and its standard error (points are independent)."""
+    p = (z @ directions.T) ** 4
+    return p.mean(0), p.std(0) / np.sqrt(len(z))
+
+
+def _directions(d: int) -> np.ndarray:
+    """The coordinate axes and two random unit vectors (the laws are rotation invariant)."""
+    u = np.random.default_rng(1).standard_normal((2, d))
+    return np.concatenate([np.eye(d), u / np.linalg.norm(u, axis=1, keepdims=True)])
+
+
+def test_sphere_covariates_lie_on_the_sphere_with_its_kurtosis():
+    """x = z Sigma^1/2 with z uniform on the sphere of radius sqrt(d): |z| = sqrt(d) for every draw, and
+    E (u^T z)^4 = 3d / (d + 2) for any unit u (z / sqrt(d) = g / |g| is independent of |g| for Gaussian g,
+    so 3 = E (u^T g)^4 = E |g|^4 E (u^T z)^4 / d^2 with E |g|^4 = d (d + 2)); a Gaussian z has 3 and a
+    spread of radii."""
+    cfg = Config(d=4, n=3, x_dist="sphere", covariance="cond", cond=5.0, rotation_seed=4)
+    z = _whitened_covariates(cfg)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), np.sqrt(cfg.d), rtol=2e-5)
+    m4, se = _fourth_moment(z, _directions(cfg.d))
+    expected = 3 * cfg.d / (cfg.d + 2)
+    assert np.all(np.abs(m4 - expected) <= 5 * se), (m4, expected, se)
+
+
+@pytest.mark.parametrize("dof", [7.0, 12.0])
+def test_student_t_covariates_follow_the_t_law_of_their_dof(dof):
+    """z = g sqrt((nu - 2) / chi^2_nu), one chi^2 per point: a multivariate t scaled to E z z^T = I.
+
+    Radius: |z|^2 nu / (d (nu - 2)) = (|g|^2 / d) / (chi^2_nu / nu) ~ F(d, nu) exactly (Kolmogorov-Smirnov;
+    the Gaussian's chi^2_d / d is rejected). Kurtosis: u^T z = sqrt((nu - 2) / nu) t_nu for a unit u, so
+    E (u^T z)^4 = 3 (nu - 2) / (nu - 4) (t_nu's kurtosis 3 + 6 / (nu - 4)); checked at nu = 12, where the
+    eighth moment that the standard error needs is finite."""
+    cfg = Config(d=4, n=15, x_dist="student_t", dof=dof, covariance="cond", cond=5.0, rotation_seed=4)
+    z = _whitened_covariates(cfg)
+    r = (z**2).sum(1) * dof / (cfg.d * (dof - 2))
+    assert stats.kstest(r, stats.f(cfg.d, dof).cdf).pvalue > 1e-3
+    assert stats.kstest(r * (dof - 2) / dof, stats.chi2(cfg.d, scale=1 / cfg.d).cdf).pvalue < 1e-6  # test has power
+    if dof > 8:
+        m4, se = _fourth_moment(z, _directions(cfg.d))
+        expected = 3 * (dof - 2) / (dof - 4)
+        assert np.all(np.abs(m4 - expected) <= 5 * se), (m4, expected, se)
+        assert np.all(m4 - 3 > 8 * se)  # and a Gaussian's 3 is far outside
+
+
+def test_fused_normal_is_bit_identical_to_jax_random_normal():
+    """The claim in ``data.normal``'s docstring: the same float32 values as ``jax.random.normal``, under jit
+    (as sampled), eagerly and under vmap, for raw and typed threefry keys, odd sizes included."""
+    fused, plain = jax.jit(normal, static_argnums=1), jax.jit(jax.random.normal, static_argnums=1)
+    keys = [jax.random.PRNGKey(0), jax.random.fold_in(jax.random.PRNGKey(3), 9)]
+    for shape in [(), (7,), (2, 3, 4), (257, 3)]:
+        for key in keys:
+            ref = np.asarray(plain(key, shape))
+            assert ref.dtype == np.float32 and ref.shape == shape
+            np.testing.assert_array_equal(np.asarray(fused(key, shape)), ref)
+    typed = jax.random.key(7)
+    np.testing.assert_array_equal(np.asarray(fused(typed, (5, 3))), np.asarray(plain(typed, (5, 3))))
+    np.testing.assert_array_equal(np.asarray(normal(keys[0], (3, 5))), np.asarray(jax.random.normal(keys[0], (3, 5))))
+    batch = jax.random.split(jax.random.PRNGKey(5), 3)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(lambda k: normal(k, (9, 2)))(batch)),
+                                  np.asarray(jax.vmap(lambda k: jax.random.normal(k, (9, 2)))(batch)))
 
 
 def test_prior_eigenvalues_validation():
