@@ -180,13 +180,12 @@ def test_config_optimum():
     np.testing.assert_allclose(g, theory.gamma_star(*_exact(cfg)))
     assert theory.config_optimum(Config(x_dist="sphere")) is None
     assert theory.config_optimum(Config(target="tanh")) is None
-    # Heteroscedastic noise: covered by config_optimum (which passes noise_dist), not by the scalar-noise
-    # has_closed_form that callers passing only cfg.noise rely on.
+    # Heteroscedastic noise: a closed form too (every caller passes cfg.noise_dist).
     het = HETERO_CASES[0]
     g, l = theory.config_optimum(het)
     np.testing.assert_allclose(g, theory.gamma_star(*_exact(het), "heteroscedastic"))
     np.testing.assert_allclose(l, theory.loss_star(*_exact(het), "heteroscedastic"))
-    assert not theory.has_closed_form(het) and theory.has_closed_form(het, noise_dist_aware=True)
+    assert theory.has_closed_form(het)
     assert theory.has_closed_form(dataclasses.replace(het, noise_dist="laplace"))
     assert theory.config_optimum(dataclasses.replace(het, x_dist="sphere")) is None
     # Sigma = Omega = I: Gamma* = n / (n + d + 1 + sigma^2 (d+2)/d) I, the noise weighted by 1 + 2/d.

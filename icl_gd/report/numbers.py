@@ -87,7 +87,8 @@ def analyze_run(run: Run, max_steps: int | None = None, num_tune_tasks: int = 2*
             "non_gd_terms": probes.one_layer_terms(params, cfg),
         })
         if theory.has_closed_form(cfg):
-            out["exact_loss_of_gamma_learned"] = theory.loss_of_gamma(gamma, sigma, omega, cfg.n, cfg.noise)
+            out["exact_loss_of_gamma_learned"] = theory.loss_of_gamma(gamma, sigma, omega, cfg.n, cfg.noise,
+                                                                        cfg.noise_dist)
     if linear and cfg.depth > 1:
         gammas, scale = probes.layer_preconditioners(params, cfg)
         out["layers"] = {

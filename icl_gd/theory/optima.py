@@ -140,25 +140,18 @@ def ahn_preconditioner(sigma: np.ndarray, n: int) -> np.ndarray:
     return np.linalg.inv((n + 1) / n * sigma + np.trace(sigma) / n * np.eye(d))
 
 
-def has_closed_form(cfg: Config, noise_dist_aware: bool = False) -> bool:
+def has_closed_form(cfg: Config) -> bool:
     """Whether the closed forms give the exact one-layer optimum of ``cfg``'s distribution:
-    Gaussian x and linear targets; any Sigma, any prior.
-
-    The noise may be any law independent of x (it enters only through sigma^2, so Laplace
-    qualifies) and, for a caller that passes ``noise_dist=cfg.noise_dist`` to the closed forms
-    (``noise_dist_aware=True``, as ``config_optimum`` does), heteroscedastic noise too. A caller
-    that passes the scalar ``cfg.noise`` alone (the default) gets False for heteroscedastic
-    noise, whose S differs (``noise_moment``).
-    """
-    if cfg.x_dist != "gaussian" or cfg.target != "linear":
-        return False
-    return noise_dist_aware or cfg.noise_dist != "heteroscedastic"
+    Gaussian x and linear targets; any Sigma, any prior, any noise law in ``NOISE_DISTS`` (one
+    independent of x enters only through sigma^2, so Laplace is Gaussian's; heteroscedastic noise
+    changes S, ``noise_moment``). Callers pass ``cfg.noise_dist`` to the closed forms."""
+    return cfg.x_dist == "gaussian" and cfg.target == "linear"
 
 
 def config_optimum(cfg: Config) -> tuple[np.ndarray, float] | None:
     """(Gamma*, L*) for a run's distribution (heteroscedastic noise included), or None where no
     closed form applies."""
-    if not has_closed_form(cfg, noise_dist_aware=True):
+    if not has_closed_form(cfg):
         return None
     sigma, omega = covariance_matrix(cfg), prior_covariance(cfg)
     return (gamma_star(sigma, omega, cfg.n, cfg.noise, cfg.noise_dist),
