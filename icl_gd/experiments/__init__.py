@@ -4,10 +4,12 @@ Every experiment trains what it needs through the sweep machinery (``icl_gd.swee
 one vmapped program per shape group, resumable, finished members skipped), analyses each
 checkpoint with ``icl_gd.report.analyze_run`` (held-out loss, Gamma_eff, Gamma*, baselines) and
 turns the numbers into ``Check``s with stated tolerances. ``beyond_*`` experiments go past the
-papers (their open questions): they report numbers and figures but claim nothing.
+papers (their open questions): judged where the theory makes a prediction (label-noise laws,
+an anisotropic prior alone, test-time context length), reported where it does not (attention
+variants).
 
-One module per paper (``mahankali``, ``ahn``, ``beyond``), each ending in its ``EXPERIMENTS``;
-``base`` holds the shared machinery; this module is the registry and ``run_experiment``.
+One module per paper or question (``mahankali``, ``ahn``, ``beyond``, ``context``, ``prior``), each
+ending in its ``EXPERIMENTS``; ``base`` holds the shared machinery; this module is the registry and ``run_experiment``.
 
 Sizes: ``quick`` (d=3, n=10, 2000 steps x the experiment's length factor) and the papers' scale
 (d=5, n=20, 4000 steps x the factor), both at 1024 tasks a step and both CPU-sized (see
