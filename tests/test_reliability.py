@@ -212,6 +212,7 @@ BAD_TRAIN_FLAGS = [
     ("--eigenvalues=nan,1,1,1,1", "--eigenvalues"), ("--warmup_steps=10", "--warmup_steps"),
     ("--covariance=cond --cond=1e300", "--cond"), ("--x_scale=0", "--x_scale"),
     ("--d=abc", "--d"), ("--workdir=/proc/icl-gd-cannot-exist", "--workdir"),
+    ("--depth=1000", "--depth"), ("--depth=65", "--depth"),
 ]
 
 
