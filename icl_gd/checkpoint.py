@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
@@ -105,6 +106,37 @@ def quarantine_unreadable_json(workdir: str) -> list[int]:
     return moved
 
 
+def _closed_loop_callback(unraisable: Any) -> bool:
+    """Is this the harmless leftover of an orbax read or write that failed? orbax runs the
+    tensorstore operations of a save or restore on a fresh asyncio loop and closes it as soon as
+    one fails; each operation still in flight then finishes in tensorstore's thread and its done
+    callback hits ``loop.call_soon_threadsafe`` on the closed loop (RuntimeError('Event loop is
+    closed'), reported unraisable: about 14 tracebacks on a run that recovered fine)."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        return False
+    tb, names = unraisable.exc_traceback, []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return "call_soon_threadsafe" in names
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """Drop ``_closed_loop_callback`` reports from ``sys.unraisablehook`` (once per process; every
+    other report goes to the hook that was there)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_icl_gd_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook._icl_gd_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """Saves and restores one run's checkpoints (a thin, typed face over orbax).
 
@@ -113,6 +145,7 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, keep: int | None = None, read_only: bool = False):
+        _quiet_closed_loop_callbacks()
         self.workdir = workdir
         self._read_only = read_only
         self.moved = quarantine_unreadable_json(workdir)
