@@ -8,6 +8,7 @@ Layout: ``WORKDIR/config.json`` (the run's config, for people and for the resume
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -19,13 +20,50 @@ from absl import logging
 
 from icl_gd import watchdog
 from icl_gd.config import Config, ConfigError, ConfigFileError, ConfigMismatchError
-from icl_gd.errors import UnreadableRunError
+from icl_gd.errors import DiskFullError, UnreadableRunError
 
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "ConfigFileError", "ConfigMismatchError", "atomic_open", "check_same_run", "read_config",
-           "saved_steps", "write_config"]
+__all__ = ["Checkpointer", "ConfigFileError", "ConfigMismatchError", "atomic_open", "check_same_run", "disk_full",
+           "read_config", "saved_steps", "write_config"]
+
+_FULL = {errno.ENOSPC: os.strerror(errno.ENOSPC), errno.EDQUOT: os.strerror(errno.EDQUOT)}
+
+
+def _full_reason(error: BaseException) -> tuple[str, str | None] | None:
+    """(reason, file) when ``error`` or an error it was raised from is a full disk or quota: an
+    OSError with errno ENOSPC/EDQUOT, or orbax's tensorstore ValueError whose text holds the same
+    strerror ("No space left on device"); None otherwise."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _FULL:
+            return _FULL[error.errno], error.filename
+        for reason in _FULL.values():
+            if reason in str(error):
+                return reason, None
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def disk_full(workdir: str, path: str | None = None) -> Iterator[None]:
+    """Turn a full disk (or quota) while writing a run's files into ``DiskFullError``: one line naming
+    the file (the failing one when the error names it, else ``path``) and the last checkpoint kept."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        found = _full_reason(e)
+        if found is None:
+            raise
+        reason, name = found
+        steps = saved_steps(workdir)
+        kept = f"the last checkpoint kept is step {steps[-1]}" if steps else "no checkpoint was saved yet"
+        raise DiskFullError(f"disk full ({reason}) writing {name or path or workdir}: {kept} (nothing saved "
+                            "before is lost); free space and re-run the same command to resume") from e
 
 
 @contextlib.contextmanager
@@ -159,7 +197,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, config: Config, metrics: list[dict]) -> None:
         ocp = _ocp()
-        with watchdog.stage(f"saving the step-{step} checkpoint of {self.workdir}"):
+        where = os.path.join(self.workdir, "checkpoints", str(step))
+        with watchdog.stage(f"saving the step-{step} checkpoint of {self.workdir}"), disk_full(self.workdir, where):
             self._mgr.save(
                 step,
                 args=ocp.args.Composite(
@@ -216,9 +255,11 @@ class Checkpointer:
 
 
 def write_config(workdir: str, cfg: Config) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with atomic_open(os.path.join(workdir, "config.json")) as f:
-        f.write(cfg.to_json())
+    path = os.path.join(workdir, "config.json")
+    with disk_full(workdir, path):
+        os.makedirs(workdir, exist_ok=True)
+        with atomic_open(path) as f:
+            f.write(cfg.to_json())
 
 
 def read_config(workdir: str) -> Config | None:
@@ -241,18 +282,34 @@ def read_config(workdir: str) -> Config | None:
                               "(the checkpoints keep their own copy of the config)") from e
 
 
-def check_same_run(workdir: str, cfg: Config) -> None:
-    """Refuse to resume a run whose stored config differs in any field that changes training."""
+def holds_checkpoints(workdir: str) -> bool:
+    """A step was trained here: a saved checkpoint, or one moved to ``corrupt/``."""
+    corrupt = os.path.join(workdir, "corrupt")
+    return bool(saved_steps(workdir)) or (os.path.isdir(corrupt) and bool(os.listdir(corrupt)))
+
+
+def check_same_run(workdir: str, cfg: Config) -> bool:
+    """Refuse to resume a run whose stored config differs in any field that changes training.
+
+    The config.json of a folder without any checkpoint (a first attempt that failed before its
+    first save: out of memory, a bad flag caught late, a kill) holds nothing to resume, so a
+    different config replaces it (an info line says so). Returns True when config.json is absent
+    or replaced, i.e. must be written.
+    """
     stored = read_config(workdir)
     if stored is None:
-        return
+        return True
     diff = stored.differences(cfg)
-    if diff:
-        lines = ", ".join(f"--{k}: stored {a!r} vs given {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ConfigMismatchError(
-            f"{workdir} already holds a run with a different config ({lines}); "
-            "use a new --workdir or the stored values"
-        )
+    if not diff:
+        return False
+    lines = ", ".join(f"--{k}: stored {a!r} vs given {b!r}" for k, (a, b) in sorted(diff.items()))
+    if not holds_checkpoints(workdir):
+        logging.info("%s/config.json belongs to an attempt that saved no checkpoint; replacing it (%s)", workdir, lines)
+        return True
+    raise ConfigMismatchError(
+        f"{workdir} already holds a run with a different config ({lines}); "
+        "use a new --workdir or the stored values"
+    )
 
 
 def _short(error: Exception) -> str:

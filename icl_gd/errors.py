@@ -19,3 +19,12 @@ class RunBusyError(RuntimeError):
 
 class UnreadableRunError(FileNotFoundError):
     """Every checkpoint of a run folder is unreadable (each was moved to ``corrupt/``, none deleted)."""
+
+
+class ResourceError(RuntimeError):
+    """A run cannot fit in the memory available (``icl_gd.resources``); the message names the flags to lower."""
+
+
+class DiskFullError(RuntimeError):
+    """A write failed with no space left (ENOSPC) or the quota exceeded (EDQUOT); the message names the
+    path and the last checkpoint kept (the checkpoints already saved are untouched)."""

@@ -7,6 +7,7 @@ the uninterrupted one; the optimiser comes from ``icl_gd.optim``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -22,8 +23,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from icl_gd import devices, theory, watchdog
-from icl_gd.checkpoint import Checkpointer, check_same_run, write_config
+from icl_gd import devices, resources, theory, watchdog
+from icl_gd.checkpoint import Checkpointer, check_same_run, disk_full, write_config
 from icl_gd.config import Config
 from icl_gd.data import Distribution, TaskSpec, distribution, sample_tasks
 from icl_gd.errors import NonFiniteLossError, Preempted, RunBusyError, UnreadableRunError  # noqa: F401
@@ -144,14 +145,14 @@ class Member:
 
 @dataclasses.dataclass
 class Programs:
-    """The jitted chunk and eval of a loop, and its {chunk length: executable} cache.
+    """The jitted chunk and eval of a loop, and its {chunk length: executable} cache (key "eval": the eval's).
 
     ``stacked``: the programs carry a leading member axis (a vmapped sweep group).
     """
 
     chunk: Callable  # (state, dist, train_key, length) -> (state, losses[..., length])
     eval: Callable  # (params, dist, eval_key) -> eval loss (one per member when stacked)
-    compiled: dict[int, Any]
+    compiled: dict[int | str, Any]
     stacked: bool = False
 
 
@@ -184,6 +185,8 @@ def chunk_loop(members: list[Member], state: Any, dists: Any, train_keys: Any, e
     replays exactly the same key stream, so a resumed run is bitwise the uninterrupted one.
     """
     cfg0, real = members[0].cfg, len(members)
+    leaf = jax.tree.leaves(state)[0]
+    copies = len(leaf.sharding.device_set) if hasattr(leaf, "sharding") else 1  # devices the member axis spans
     where = members[0].workdir if real == 1 else f"{real} members under {os.path.dirname(members[0].workdir)}"
     optima = [theory.config_optimum(m.cfg) for m in members]
     lift = (lambda x: x) if programs.stacked else (lambda x: np.asarray(x)[None])  # host arrays get a member axis
@@ -191,10 +194,14 @@ def chunk_loop(members: list[Member], state: Any, dists: Any, train_keys: Any, e
     while step < stop:
         nxt = chunk_boundary(step, cfg0, stop)
         length = nxt - step
-        with watchdog.stage(f"training {where}: steps {step} to {nxt}"):
+        with watchdog.stage(f"training {where}: steps {step} to {nxt}"), resources.out_of_memory(cfg0, real):
             if length not in programs.compiled:
                 t0 = time.perf_counter()
-                programs.compiled[length] = programs.chunk.lower(state, dists, train_keys, length=length).compile()
+                if cfg0.depth > 16 and not programs.compiled:
+                    log(f"compiling {cfg0.depth} unrolled layers (compile time grows with --depth)")
+                compiled = programs.chunk.lower(state, dists, train_keys, length=length).compile()
+                resources.check_compiled(compiled, cfg0, real, copies)  # cached only once it passed
+                programs.compiled[length] = compiled
                 size = f" for {jax.tree.leaves(train_keys)[0].shape[0]} members" if programs.stacked else ""
                 log(f"compiled a {length}-step call{size} in {time.perf_counter() - t0:.2f}s")
             t0 = time.perf_counter()
@@ -207,8 +214,12 @@ def chunk_loop(members: list[Member], state: Any, dists: Any, train_keys: Any, e
                 if fail_fast:
                     raise NonFiniteLossError(m.failed)
                 logging.error("%s: %s", m.workdir, m.failed)
-        with watchdog.stage(f"held-out evaluation of {where} at step {nxt}"):
-            eval_loss = lift(devices.to_host(programs.eval(state.params, dists, eval_keys)))
+        with watchdog.stage(f"held-out evaluation of {where} at step {nxt}"), resources.out_of_memory(cfg0, real):
+            if "eval" not in programs.compiled:  # compiled for the params a chunk returns (their sharding)
+                compiled = programs.eval.lower(state.params, dists, eval_keys).compile()
+                resources.check_compiled(compiled, cfg0, real, copies, program="eval")
+                programs.compiled["eval"] = compiled
+            eval_loss = lift(devices.to_host(programs.compiled["eval"](state.params, dists, eval_keys)))
         step = nxt
         stopping = devices.agree(sigterm is not None and sigterm.set) and step < stop
         save = step % cfg0.checkpoint_every == 0 or step == stop or stopping
@@ -224,7 +235,8 @@ def chunk_loop(members: list[Member], state: Any, dists: Any, train_keys: Any, e
                 record["loss_star"] = optima[i][1]
             m.history.append(record)
             if m.metrics is not None:
-                m.metrics.write(record)
+                with disk_full(m.workdir):
+                    m.metrics.write(record)
             if save and m.ckpt is not None:
                 m.ckpt.save(step, devices.unstack(host_state, i) if programs.stacked else host_state, m.cfg, m.history)
                 m.final_step = step
@@ -270,6 +282,7 @@ def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = 
     ``NonFiniteLossError`` without saving, so the last good checkpoint stays the latest.
     """
     cfg.validate()
+    resources.check_fits(cfg)  # before anything is written or compiled
     state = init_state(cfg)
     history: list[dict] = []
     ckpt = lock = metrics = None
@@ -277,9 +290,10 @@ def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = 
         lock = _claim(workdir)
     try:
         if workdir is not None:
-            check_same_run(workdir, cfg)
+            check_same_run(workdir, cfg)  # a config.json without checkpoints (a failed first attempt) is replaced
             write_config(workdir, cfg)
-            ckpt = Checkpointer(workdir, keep=cfg.keep_checkpoints)
+            with disk_full(workdir):
+                ckpt = Checkpointer(workdir, keep=cfg.keep_checkpoints)
             if ckpt.moved and ckpt.latest_step() is None:  # never silently start over on a damaged run
                 raise UnreadableRunError(f"no readable checkpoint under {workdir}/checkpoints; moved the unreadable "
                                          f"steps {sorted(ckpt.moved)} to {workdir}/corrupt (inspect them, or delete "
@@ -289,7 +303,8 @@ def train(cfg: Config, workdir: str | None = None, log: Callable[[str], None] = 
                 state = TrainState(*state) if not isinstance(state, TrainState) else state
                 log(f"resumed from step {int(state.step)} in {workdir}")
         stop = cfg.steps if until is None else min(until, cfg.steps)
-        metrics = open_writer(workdir, cfg, int(state.step), stop)
+        with disk_full(workdir) if workdir is not None else contextlib.nullcontext():
+            metrics = open_writer(workdir, cfg, int(state.step), stop)
         member = Member(cfg, workdir, ckpt, history, int(state.step), metrics=metrics)
         keys = run_keys(cfg.seed)
         t_start = time.perf_counter()

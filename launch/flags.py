@@ -13,7 +13,7 @@ from absl import flags, logging
 
 from icl_gd import watchdog
 from icl_gd.config import Config, ConfigError, ConfigFileError, ConfigMismatchError
-from icl_gd.errors import NonFiniteLossError, Preempted, RunBusyError, UnreadableRunError
+from icl_gd.errors import DiskFullError, NonFiniteLossError, Preempted, ResourceError, RunBusyError, UnreadableRunError
 
 _DEFINERS = {
     "int": flags.DEFINE_integer,
@@ -146,14 +146,15 @@ EXIT_USAGE, EXIT_RUN_FAILED, EXIT_PREEMPTED = 2, 3, 143  # and watchdog.EXIT_HAN
 @contextlib.contextmanager
 def exit_codes() -> Iterator[None]:
     """The launchers' one error-to-exit-code map, with a one-line message and no traceback:
-    bad flags, a workdir of another run or one another process is training -> 2, a non-finite loss -> 3, SIGTERM -> 143
-    (128 + SIGTERM, as schedulers expect of a terminated job; a checkpoint was saved)."""
+    bad flags, a run too large for the memory, a workdir of another run or one another process is training -> 2,
+    a non-finite loss or a full disk -> 3 (the last checkpoint is kept), SIGTERM -> 143 (128 + SIGTERM, as
+    schedulers expect of a terminated job; a checkpoint was saved)."""
     try:
         yield
-    except (ConfigError, ConfigFileError, ConfigMismatchError, RunBusyError, UnreadableRunError) as e:
+    except (ConfigError, ConfigFileError, ConfigMismatchError, ResourceError, RunBusyError, UnreadableRunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_RUN_FAILED)
     except Preempted as e:

@@ -112,3 +112,15 @@ def test_sweep_config_file_seeds_the_base_the_grid_varies(tmp_path):
                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"--config={os.path.abspath(path)}" in script.read_text() and "--lr=0.05" in script.read_text()
+
+
+@pytest.mark.parametrize("error,code", [("ResourceError", 2), ("DiskFullError", 3)])
+def test_resource_and_disk_errors_exit_with_one_line(capsys, error, code):
+    """A run too large for the memory is a usage error (2); a full disk fails the run (3), like a NaN loss."""
+    from icl_gd import errors
+    from launch.flags import exit_codes
+
+    with pytest.raises(SystemExit) as stop, exit_codes():
+        raise getattr(errors, error)("what happened, naming the flag or the file")
+    assert stop.value.code == code
+    assert capsys.readouterr().err == "error: what happened, naming the flag or the file\n"

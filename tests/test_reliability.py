@@ -1,5 +1,7 @@
 """Fault injection with real processes: SIGKILL, SIGTERM, corrupt checkpoints, NaNs, bad flags."""
 
+import errno
+import json
 import os
 import random
 import signal
@@ -275,3 +277,210 @@ def test_fallback_from_truncated_state_data_prints_no_traceback(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr, out.stderr[-3000:]
     assert "resumed from step 150" in out.stderr and (tmp_path / "corrupt" / "200").is_dir()
+
+
+# (config fields, the program refused or None when it fits in 16 GB, flags the line must name)
+RESOURCE_CASES = [
+    (dict(), None, []),
+    (dict(n=10_000_000), "the training step", ["--batch_size", "--n", "--d"]),
+    (dict(batch_size=100_000_000), "the training step", ["--batch_size", "--n", "--d"]),
+    (dict(attention="softmax", heads=8, n=2000, depth=4), "the training step", ["--heads", "--depth", "--n"]),
+    (dict(batch_size=16, n=300_000), "the held-out evaluation", ["--eval_tasks", "--n", "--d"]),
+]
+
+
+@pytest.mark.parametrize("fields,program,names", RESOURCE_CASES)
+def test_memory_estimate_refuses_what_cannot_fit_naming_the_flags(monkeypatch, fields, program, names):
+    from icl_gd import resources
+    from icl_gd.errors import ResourceError
+
+    monkeypatch.setattr(resources, "available", lambda device=None: (16 * 10**9, "host memory"))
+    cfg = Config(**fields)
+    if program is None:
+        resources.check_fits(cfg)
+        return
+    with pytest.raises(ResourceError) as err:
+        resources.check_fits(cfg)
+    msg = str(err.value)
+    assert program in msg and "16 GB of host memory" in msg and "\n" not in msg, msg
+    assert all(name in msg for name in names), msg
+
+
+def test_memory_estimate_counts_the_members_of_a_sweep_group(monkeypatch):
+    from icl_gd import resources
+    from icl_gd.errors import ResourceError
+
+    monkeypatch.setattr(resources, "available", lambda device=None: (16 * 10**9, "host memory"))
+    cfg = Config(batch_size=2**20)
+    resources.check_fits(cfg)  # one member fits
+    with pytest.raises(ResourceError, match="64 members trained together"):
+        resources.check_fits(cfg, members=64)
+
+
+def test_available_memory_is_the_accelerators_headroom_else_the_hosts():
+    import types
+
+    from icl_gd import resources
+
+    gpu = types.SimpleNamespace(platform="gpu", memory_stats=lambda: {"bytes_limit": 80 * 10**9,
+                                                                       "bytes_in_use": 5 * 10**9})
+    assert resources.available(gpu) == (75 * 10**9, f"GPU memory of {gpu}")
+    cpu = types.SimpleNamespace(platform="cpu", memory_stats=lambda: None)
+    free, where = resources.available(cpu)
+    assert where == "host memory" and 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(attention="softmax", heads=2, n=30, depth=2), dict(d=20, n=10)])
+def test_memory_estimate_is_below_xla_memory_analysis(fields):
+    """The arithmetic estimate never exceeds what XLA allocates, so a refused run could never have run."""
+    from icl_gd import resources
+    from icl_gd.data import distribution
+    from icl_gd.keys import run_keys
+    from icl_gd.optim import make_optimizer
+    from icl_gd.train import init_state, make_eval, make_train_chunk
+
+    cfg = Config(**fields, batch_size=256, eval_tasks=512)
+    opt, keys = make_optimizer(cfg), run_keys(0)
+    state = init_state(cfg, opt)
+    step = jax.jit(make_train_chunk(cfg, opt), static_argnames="length").lower(
+        state, distribution(cfg), keys["train"], length=1).compile()
+    held_out = jax.jit(make_eval(cfg)).lower(state.params, distribution(cfg), keys["eval"]).compile()
+    est = resources.estimate(cfg)
+    for program, compiled in (("train", step), ("eval", held_out)):
+        m = compiled.memory_analysis()
+        need = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+        assert est[program] <= need, (program, est[program], need)
+
+
+def test_xla_analysis_refuses_and_the_failed_first_attempt_locks_nothing(tmp_path, monkeypatch):
+    """Memory just above the estimate but below XLA's analysis: the compiled step is refused with one
+    line naming the flags, config.json stays without a checkpoint and the RunLock is released; the
+    next attempt with a fixed flag replaces that config.json and trains (not "different config")."""
+    import dataclasses
+
+    from icl_gd import resources
+    from icl_gd.checkpoint import read_config, saved_steps
+    from icl_gd.errors import ResourceError
+    from icl_gd.sweep.locks import RunLock
+
+    cfg = _cfg(batch_size=48, seed=1919)  # a config of its own: compiled afresh, not from the process cache
+    floor = max(resources.estimate(cfg).values())
+    monkeypatch.setattr(resources, "available", lambda device=None: (int(floor * 1.01), "host memory"))
+    with pytest.raises(ResourceError, match="XLA's memory analysis") as err:
+        train(cfg, str(tmp_path))
+    assert "--batch_size=48" in str(err.value) and "lower --batch_size, --n or --d" in str(err.value)
+    assert read_config(str(tmp_path)) == cfg and saved_steps(str(tmp_path)) == []
+    lock = RunLock(str(tmp_path))
+    assert lock.acquire()
+    lock.release()
+    monkeypatch.undo()
+    fixed = dataclasses.replace(cfg, batch_size=32)
+    assert train(fixed, str(tmp_path)).state.step == 200
+    assert read_config(str(tmp_path)) == fixed and saved_steps(str(tmp_path))[-1] == 200
+
+
+@pytest.mark.parametrize("trained,refused", [(None, False), ("checkpoints/50", True), ("corrupt/50", True)])
+def test_a_config_json_without_checkpoints_is_replaced_not_a_lock(tmp_path, trained, refused):
+    from icl_gd.checkpoint import check_same_run, write_config
+    from icl_gd.config import ConfigMismatchError
+
+    write_config(str(tmp_path), _cfg(batch_size=10**8))
+    assert check_same_run(str(tmp_path), _cfg(batch_size=10**8)) is False  # same config: nothing to write
+    if trained:
+        (tmp_path / trained).mkdir(parents=True)
+        (tmp_path / trained / "state").mkdir()
+    if refused:
+        with pytest.raises(ConfigMismatchError, match="--batch_size"):
+            check_same_run(str(tmp_path), _cfg())
+    else:
+        assert check_same_run(str(tmp_path), _cfg()) is True
+
+
+@pytest.mark.parametrize("launcher,flags", [
+    ("launch.train", ["--n=10000000"]),
+    ("launch.train", ["--batch_size=100000000", "--n=200"]),
+    ("launch.sweep", ["--ns=4,10000000", "--d=2", "--steps=20", "--eval_tasks=64"]),
+])
+def test_launchers_refuse_a_run_too_large_in_one_line(tmp_path, launcher, flags):
+    out = launchers.run(launcher, f"--workdir={tmp_path}", *flags, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and all(f in line for f in ("--batch_size", "--n", "--d", "GB")), line
+    assert not list(tmp_path.rglob("checkpoints")) and not list(tmp_path.rglob("config.json"))
+
+
+class _Full:
+    """Injected failures: the write at step 150 (or the config write) finds the disk full."""
+
+    @staticmethod
+    def checkpoint(monkeypatch, error):
+        import orbax.checkpoint as ocp
+
+        save = ocp.CheckpointManager.save
+
+        def failing(self, step, *args, **kwargs):
+            if step == 150:
+                raise error
+            return save(self, step, *args, **kwargs)
+
+        monkeypatch.setattr(ocp.CheckpointManager, "save", failing)
+
+    @staticmethod
+    def metrics(monkeypatch, error):
+        from icl_gd.metrics import MetricsWriter
+
+        write = MetricsWriter.write
+
+        def failing(self, record):
+            if record["step"] == 150:
+                raise OSError(error.errno, error.strerror, self.jsonl_path)
+            return write(self, record)
+
+        monkeypatch.setattr(MetricsWriter, "write", failing)
+
+    @staticmethod
+    def config(monkeypatch, error):
+        import icl_gd.checkpoint
+
+        def failing(path, newline=None):
+            raise error
+
+        monkeypatch.setattr(icl_gd.checkpoint, "atomic_open", failing)
+
+
+DISK_FULL_CASES = [
+    ("checkpoint", OSError(errno.ENOSPC, "No space left on device"), "checkpoints/150"),
+    ("checkpoint", ValueError('RESOURCE_EXHAUSTED: Error writing local file "x/manifest.ocdbt": Failed to write 166 '
+                              'bytes to file 14: No space left on device'), "checkpoints/150"),  # orbax's tensorstore
+    ("metrics", OSError(errno.EDQUOT, "Disk quota exceeded"), "metrics.jsonl"),
+    ("config", OSError(errno.ENOSPC, "No space left on device"), "config.json"),
+]
+
+
+@pytest.fixture(scope="module")
+def reference_state():
+    return train(_cfg()).state
+
+
+@pytest.mark.parametrize("where,error,path", DISK_FULL_CASES)
+def test_full_disk_names_the_path_and_the_kept_checkpoint_then_resumes_exactly(tmp_path, monkeypatch, reference_state,
+                                                                              where, error, path):
+    from icl_gd.checkpoint import saved_steps
+    from icl_gd.errors import DiskFullError
+
+    cfg = _cfg()
+    train(cfg, str(tmp_path), until=100)
+    getattr(_Full, where)(monkeypatch, error)
+    with pytest.raises(DiskFullError) as err:
+        train(cfg, str(tmp_path))
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path) in msg and path in msg, msg
+    assert "the last checkpoint kept is step 100" in msg, msg
+    assert saved_steps(str(tmp_path)) == [50, 100]
+    monkeypatch.undo()
+    resumed = train(cfg, str(tmp_path))
+    for a, b in zip(jax.tree.leaves(reference_state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [m["step"] for m in icl_gd.load(str(tmp_path)).metrics] == [50, 100, 150, 200]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [50, 100, 150, 200]

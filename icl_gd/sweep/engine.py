@@ -29,8 +29,8 @@ from typing import Any
 import jax
 from absl import logging
 
-from icl_gd import devices
-from icl_gd.checkpoint import Checkpointer, check_same_run, read_config, saved_steps, write_config
+from icl_gd import devices, resources
+from icl_gd.checkpoint import Checkpointer, check_same_run, disk_full, saved_steps, write_config
 from icl_gd.config import Config
 from icl_gd.data import distribution
 from icl_gd.keys import run_keys
@@ -105,11 +105,12 @@ def _open_member(cfg: Config, root: str, log: Callable[[str], None]) -> tuple[Me
 
 def _open_claimed(cfg: Config, workdir: str, lock: RunLock | None,
                   log: Callable[[str], None]) -> tuple[Member, TrainState] | MemberResult:
-    check_same_run(workdir, cfg)
-    if jax.process_index() == 0 and read_config(workdir) is None:  # never rewrite a finished member's files
+    # Written when absent, or replacing one of an attempt that saved no checkpoint; never a trained member's.
+    if check_same_run(workdir, cfg) and jax.process_index() == 0:
         write_config(workdir, cfg)
     devices.barrier(f"sweep-config-{member_name(cfg)}")
-    ckpt = Checkpointer(workdir, keep=cfg.keep_checkpoints)
+    with disk_full(workdir):
+        ckpt = Checkpointer(workdir, keep=cfg.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None and latest >= cfg.steps:
         ckpt.close()
@@ -122,7 +123,8 @@ def _open_claimed(cfg: Config, workdir: str, lock: RunLock | None,
         state = state if isinstance(state, TrainState) else TrainState(*state)
         log(f"{member_name(cfg)}: resuming from step {latest}")
     try:
-        metrics = open_writer(workdir, cfg, int(state.step), cfg.steps)
+        with disk_full(workdir):
+            metrics = open_writer(workdir, cfg, int(state.step), cfg.steps)
     except BaseException:
         ckpt.close()
         raise
@@ -137,6 +139,7 @@ def train_group(members: Sequence[Config], root: str, fns: Programs | None = Non
     keys = {group_key(c) for c in members}
     if len(keys) != 1:
         raise ValueError(f"train_group needs members of one group, got {len(keys)} groups")
+    resources.check_fits(members[0], len(members), 1 if mesh is None else mesh.size)  # before any folder is touched
     results: list[MemberResult] = []
     active: list[tuple[Member, TrainState]] = []
     for cfg in members:
@@ -190,6 +193,8 @@ def run_sweep(members: Sequence[Config], root: str, mesh: jax.sharding.Mesh | No
     os.makedirs(root, exist_ok=True)
     results: list[MemberResult] = []
     groups = group(members)
+    for members_g in groups:  # refuse a group that cannot fit before any group trains
+        resources.check_fits(members_g[0], len(members_g), 1 if mesh is None else mesh.size)
     for gi, members_g in enumerate(groups):
         rep = group_key(members_g[0])
         log(f"group {gi + 1}/{len(groups)}: {len(members_g)} members (d={rep.d}, n={rep.n}, depth={rep.depth})")
