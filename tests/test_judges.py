@@ -144,3 +144,14 @@ def test_prior_judge_rejects_a_multiple_of_the_identity(scale):
     gap, _ = prior._plain_gd_gap(cfg)
     checks, _ = prior._judge([_prior_summary(cfg, off(0.01), gain=gap / 3)], size)
     assert [c.passed for c in checks] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("scale_name", SCALES)
+def test_preconditioned_judge_tests_the_noise_term_at_sigma_one(scale_name):
+    """Thm. 2's sigma^2 term: at sigma = 1 the noise-free scale n/(n+d+1) fails, the theory's passes."""
+    size = SCALES[scale_name]
+    cfg = size.base(covariance="cond", cond=10.0, weight_prior="inverse", noise=1.0)
+    for scale, ok in ((theory.eta_star(cfg.n, cfg.d, 1.0) * 0.995, True), (cfg.n / (cfg.n + cfg.d + 1), False)):
+        s = _one_layer(cfg, scale, sigma_inv_fit={"scale": scale}, ahn_distance=0.005)
+        checks, _ = mahankali._precond_judge([s], size)
+        assert all(c.passed for c in checks) is ok

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from icl_gd import theory  # noqa: E402
 from icl_gd.config import Config  # noqa: E402
 from icl_gd.experiments.base import Experiment, Size, gamma_panels, loss_check, summary_row
-from icl_gd.experiments.checks import ETA_TOL, GAMMA_TOL, NUM_SE, SHAPE_TOL, Check  # noqa: E402
+from icl_gd.experiments.checks import ETA_TOL, GAMMA_TOL, NUM_SE, SCALE_TOL, SHAPE_TOL, Check  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # Mahankali et al. 2023
@@ -74,7 +74,7 @@ def _precond_judge(summaries: list[dict], size: Size) -> tuple[list[Check], list
         checks += [
             Check(f"||Gamma_eff - Gamma*||/||Gamma*|| ({tag})", s["rel_error"], GAMMA_TOL, 0.0, "max"),
             Check(f"scale c of Gamma_eff ~ c Sigma^-1 ({tag}) vs n/(n+d+1+sigma^2)", s["sigma_inv_fit"]["scale"],
-                  scale, ETA_TOL),
+                  scale, SCALE_TOL),
             Check(f"Ahn distance of Sigma^1/2 Gamma_eff Sigma^1/2 to I ({tag})", s["ahn_distance"], GAMMA_TOL, 0.0,
                   "max"),
         ]
