@@ -186,23 +186,8 @@ class Config:
         if self.cond > MAX_COND:
             raise ConfigError("cond", self.cond, f"must be <= {MAX_COND:g} (tasks are drawn in float32)")
         _real(self, "dof", lo=2.0, strict=True)
-        if self.covariance == "eigenvalues":
-            ev = self.eigenvalues
-            if len(ev) != self.d:
-                raise ConfigError("eigenvalues", list(ev), f"need exactly d={self.d} values")
-            if not all(math.isfinite(v) and v > 0 for v in ev):
-                raise ConfigError("eigenvalues", list(ev), "every eigenvalue must be finite and > 0")
-        elif self.eigenvalues:  # a value nobody reads must not be stored (and NaN != NaN blocks resumes)
-            raise ConfigError("eigenvalues", list(self.eigenvalues), "only --covariance=eigenvalues uses it")
-        if self.weight_prior == "eigenvalues":
-            pev = self.prior_eigenvalues
-            if len(pev) != self.d:
-                raise ConfigError("prior_eigenvalues", list(pev), f"need exactly d={self.d} values")
-            if not all(math.isfinite(v) and v > 0 for v in pev):
-                raise ConfigError("prior_eigenvalues", list(pev), "every eigenvalue must be finite and > 0")
-        elif self.prior_eigenvalues:
-            raise ConfigError("prior_eigenvalues", list(self.prior_eigenvalues),
-                              "only --weight_prior=eigenvalues uses it")
+        _spectrum(self, "eigenvalues", self.covariance == "eigenvalues", "--covariance=eigenvalues")
+        _spectrum(self, "prior_eigenvalues", self.weight_prior == "eigenvalues", "--weight_prior=eigenvalues")
         if self.warmup_steps and self.schedule != "warmup_cosine":
             raise ConfigError("warmup_steps", self.warmup_steps, "only --schedule=warmup_cosine uses it")
         if self.weight_decay and self.optimizer != "adamw":
@@ -230,3 +215,17 @@ def _real(cfg: Config, name: str, lo: float, strict: bool = False) -> None:
     ok = ok and (value > lo if strict else value >= lo)
     if not ok:
         raise ConfigError(name, value, f"must be a finite number {'>' if strict else '>='} {lo}")
+
+
+def _spectrum(cfg: Config, name: str, used: bool, user: str) -> None:
+    """A spectrum field: d finite, positive values where ``user`` reads it, else empty (a value nobody
+    reads must not be stored: NaN != NaN would block every resume)."""
+    values = getattr(cfg, name)
+    if not used:
+        if values:
+            raise ConfigError(name, list(values), f"only {user} uses it")
+        return
+    if len(values) != cfg.d:
+        raise ConfigError(name, list(values), f"need exactly d={cfg.d} values")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(name, list(values), "every eigenvalue must be finite and > 0")
