@@ -20,7 +20,8 @@ from absl import app, flags
 
 flags.DEFINE_bool("quick", False, "Quick scale (d=3, n=10) instead of the papers' (d=5, n=20).")
 flags.DEFINE_list("experiments", ["mahankali_isotropic", "mahankali_preconditioned", "mahankali_nonlinear",
-                                  "ahn_single_layer"], "Experiments to repeat over seeds.")
+                                  "ahn_single_layer", "beyond_label_noise", "beyond_prior"],
+                  "Experiments to repeat over seeds.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (0 is the reproduction's own).")
 flags.DEFINE_string("workdir", "runs/reproduce", "Root of the reproduction's runs (seed s > 0 under seed<s>/).")
 flags.DEFINE_string("out", None, "JSON path (default benchmarks/seed_spread[_quick].json).")
