@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from launch.flags import config_from_flags, define_config_flags, exit_codes, quiet_library_logs
+from launch.flags import config_from_flags, define_config_file_flag, define_config_flags, exit_codes, quiet_library_logs
 
 define_config_flags()
+define_config_file_flag()  # --config=runs/X/config.json: the theory of that run's distribution
 flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
 flags.DEFINE_integer("num_tasks", 2**15, "Monte-Carlo tasks for tuning the GD/PGD steps and scoring them.")
 FLAGS = flags.FLAGS

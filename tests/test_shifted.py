@@ -99,9 +99,10 @@ def test_launch_theory_matches_the_closed_forms(theory_json):
     assert len(g["a"]) == len(g["b"]) == 2 and g["loss"] <= res["pgd_loss"] + 3 * g["stderr"]
 
 
-def test_launch_theory_isotropic_eta_star_and_bad_flags():
-    out = launchers.run("launch.theory", "--d=5", "--n=20", "--noise=0.5", "--format=json", "--num_tasks=4096",
-                        timeout=300)
+def test_launch_theory_isotropic_eta_star_and_bad_flags(tmp_path):
+    config = tmp_path / "config.json"  # another run's config.json as the base, as launch.train takes it
+    config.write_text(json.dumps(Config(d=5, n=20, noise=0.5).to_dict()))
+    out = launchers.run("launch.theory", f"--config={config}", "--format=json", "--num_tasks=4096", timeout=300)
     res = json.loads(out.stdout)
     assert res["eta_star"] == pytest.approx(20 / (20 + 5 + 1 + 0.25), abs=1e-6)
     assert res["loss_star"] == pytest.approx(theory.isotropic_loss_star(20, 5, 0.5), abs=1e-6)
