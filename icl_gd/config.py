@@ -141,11 +141,19 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = cls.unknown_fields(data)
         if unknown:
-            raise ConfigError(unknown[0], data[unknown[0]], f"unknown field; known fields: {sorted(names)}")
+            raise ConfigError(unknown[0], data[unknown[0]], f"unknown field; known fields: {cls.field_names()}")
         return cls(**data)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return sorted(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def unknown_fields(cls, data: dict[str, Any]) -> list[str]:
+        """The keys of ``data`` that are no Config field, sorted."""
+        return sorted(set(data) - set(cls.field_names()))
 
     def differences(self, other: Config, ignore: tuple[str, ...] = OPERATIONAL_FIELDS) -> dict[str, tuple]:
         """Fields (other than ``ignore``) whose values differ: {name: (self, other)}."""

@@ -58,10 +58,10 @@ def config_file_values(path: str) -> dict:
         raise ConfigError("config", path, f"not a JSON file ({e})") from e
     if not isinstance(data, dict):
         raise ConfigError("config", path, "must hold a JSON object of Config fields")
-    names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(data) - names)
+    unknown = Config.unknown_fields(data)
     if unknown:
-        raise ConfigError("config", path, f"unknown field {unknown[0]!r} (known fields: {', '.join(sorted(names))})")
+        raise ConfigError("config", path, f"unknown field {unknown[0]!r} (known fields: "
+                                          f"{', '.join(Config.field_names())})")
     return data
 
 
