@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 COVARIANCES = ("isotropic", "cond", "eigenvalues")
-X_DISTS = ("gaussian", "sphere", "student_t")
+X_DISTS = ("gaussian", "sphere", "student_t", "uniform")
 WEIGHT_PRIORS = ("identity", "inverse", "eigenvalues")
 NOISE_DISTS = ("gaussian", "laplace", "heteroscedastic")
 TARGETS = ("linear", "tanh", "relu_net")
@@ -78,6 +78,8 @@ class Config:
     prior_eigenvalues: tuple[float, ...] = _f((), "Eigenvalues of Omega = E[w w^T] (length d) for "
                                                   "--weight_prior=eigenvalues, rotated like Sigma's spectrum "
                                                   "(--rotate/--rotation_seed, also when Sigma is isotropic).")
+    prior_mean: float = _f(0.0, "Norm c of the mean of w: w ~ N(c u, Omega), u the first eigenvector of Omega "
+                                 "(e_1 unless rotated). c > 0 breaks the negation symmetry w -> -w of the task law.")
     noise: float = _f(0.0, "Label noise std sigma (eps ~ N(0, sigma^2) on every pair, the query included).")
     noise_dist: str = _f("gaussian", f"Law of the label noise, all of variance sigma^2: one of {NOISE_DISTS}.")
     x_scale: float = _f(1.0, "Stretch of the covariates: x -> x_scale x, so Sigma -> x_scale^2 Sigma while the "
@@ -180,6 +182,7 @@ class Config:
         for name in ("key_size", "warmup_steps", "seed", "rotation_seed"):
             _at_least(self, name, 0)
         _real(self, "noise", lo=0.0)
+        _real(self, "prior_mean", lo=0.0)
         _real(self, "x_scale", lo=0.0, strict=True)
         _real(self, "w_scale", lo=0.0, strict=True)
         _real(self, "weight_decay", lo=0.0)

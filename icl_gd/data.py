@@ -2,7 +2,7 @@
 
 One task is n context pairs (x_i, y_i) and one query pair (x_q, y_q), all drawn from
 
-    x ~ P_x with E[x x^T] = Sigma,   w ~ N(0, Omega),   y = f_w(x) + eps,   eps ~ N(0, sigma^2),
+    x ~ P_x with E[x x^T] = Sigma,   w ~ N(mu, Omega_0),   y = f_w(x) + eps,   eps ~ N(0, sigma^2),
 
 with the noise on every pair, the query included (so the Bayes floor of any predictor is
 sigma^2). Omega = I ("identity" prior), Omega = Sigma^-1 ("inverse" prior, the setting of
@@ -46,16 +46,17 @@ class Tasks(NamedTuple):
 # Every Config field the tasks depend on, the seed and held-out size included: two runs that agree on
 # these draw the same training and held-out tasks (their baselines and references are shared).
 DISTRIBUTION_FIELDS = ("d", "n", "covariance", "cond", "eigenvalues", "rotate", "rotation_seed", "x_dist", "dof",
-                       "weight_prior", "prior_eigenvalues", "noise", "noise_dist", "x_scale", "w_scale", "target",
-                       "relu_width", "seed", "eval_tasks")
+                       "weight_prior", "prior_eigenvalues", "prior_mean", "noise", "noise_dist", "x_scale", "w_scale",
+                       "target", "relu_width", "seed", "eval_tasks")
 
 
 class Distribution(NamedTuple):
     """The numeric part of a task distribution (a pytree; vmap it over sweep members)."""
 
     sigma_sqrt: jax.Array  # [d, d] symmetric square root of Sigma = E[x x^T]
-    prior_sqrt: jax.Array  # [d, d] symmetric square root of Omega = E[w w^T]
+    prior_sqrt: jax.Array  # [d, d] symmetric square root of Omega_0 = Cov(w)
     noise: jax.Array  # [] label-noise std sigma
+    prior_mean: jax.Array  # [d] mean of w (zeros unless --prior_mean)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +131,18 @@ def prior_eigenbasis(cfg: Config) -> np.ndarray:
     return eigenbasis(cfg)
 
 
+def prior_mean(cfg: Config) -> np.ndarray:
+    """mu = E[w] = w_scale c u: c = ``prior_mean``, u the first column of ``prior_eigenbasis`` (float64, [d])."""
+    return cfg.w_scale * cfg.prior_mean * prior_eigenbasis(cfg)[:, 0]
+
+
 def prior_covariance(cfg: Config) -> np.ndarray:
-    """Omega = E[w w^T] = w_scale^2 I (identity prior), w_scale^2 Sigma_0^-1 (inverse prior), with
-    Sigma_0 the covariance before --x_scale, or w_scale^2 U diag(prior_eigenvalues) U^T (eigenvalues prior)."""
-    return cfg.w_scale**2 * _from_eig(prior_eigenbasis(cfg), _prior_spectrum(cfg))
+    """Omega = E[w w^T] (the second moment, which is all the closed forms read) = Omega_0 + mu mu^T with
+    Omega_0 = Cov(w) = w_scale^2 I (identity prior), w_scale^2 Sigma_0^-1 (inverse prior), with Sigma_0 the
+    covariance before --x_scale, or w_scale^2 U diag(prior_eigenvalues) U^T (eigenvalues prior), and mu
+    = ``prior_mean`` (0 unless --prior_mean)."""
+    mu = prior_mean(cfg)
+    return cfg.w_scale**2 * _from_eig(prior_eigenbasis(cfg), _prior_spectrum(cfg)) + np.outer(mu, mu)
 
 
 def distribution(cfg: Config) -> Distribution:
@@ -144,6 +153,7 @@ def distribution(cfg: Config) -> Distribution:
         prior_sqrt=jnp.asarray(cfg.w_scale * _from_eig(prior_eigenbasis(cfg), np.sqrt(_prior_spectrum(cfg))),
                                jnp.float32),
         noise=jnp.asarray(cfg.noise, jnp.float32),
+        prior_mean=jnp.asarray(prior_mean(cfg), jnp.float32),
     )
 
 
@@ -199,6 +209,10 @@ def normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 def _directions(key: jax.Array, spec: TaskSpec, shape: tuple[int, ...]) -> jax.Array:
     """White covariates z with E[z z^T] = I, in the requested law."""
     kz, kr = jax.random.split(key)
+    if spec.x_dist == "uniform":
+        # i.i.d. coordinates uniform on [-sqrt 3, sqrt 3]: variance 1, E z^4 = 9/5 (Gaussian: 3), not
+        # rotation-invariant: the one-layer optimum reads the fourth moments (theory.second_moment).
+        return jax.random.uniform(kz, (*shape, spec.d), minval=-np.sqrt(3.0), maxval=np.sqrt(3.0))
     z = normal(kz, (*shape, spec.d))
     if spec.x_dist == "sphere":
         # Uniform on the sphere of radius sqrt(d): E[z z^T] = I.
@@ -214,7 +228,8 @@ def _directions(key: jax.Array, spec: TaskSpec, shape: tuple[int, ...]) -> jax.A
 
 def _targets(key: jax.Array, spec: TaskSpec, x: jax.Array, w: jax.Array,
              prior_sqrt: jax.Array) -> jax.Array:
-    """f_w(x) for x [B, N, d], w [B, d] -> [B, N]. Every family is negation-symmetric."""
+    """f_w(x) for x [B, N, d], w [B, d] -> [B, N]. Every family is negation-symmetric
+    (w -> -w) when the prior is centred (--prior_mean=0)."""
     # Unrolled over the d features: a batched matvec (B tiny dots) or a small reduce is several
     # times slower on XLA:CPU than this one elementwise loop.
     s = sum(x[..., i] * w[:, None, i] for i in range(spec.d))
@@ -259,7 +274,7 @@ def sample_tasks(key: jax.Array, dist: Distribution, spec: TaskSpec, batch: int)
     kx, kw, kf, ke = jax.random.split(key, 4)
     n = spec.n
     x = _directions(kx, spec, (batch, n + 1)) @ dist.sigma_sqrt
-    w = normal(kw, (batch, spec.d)) @ dist.prior_sqrt
+    w = normal(kw, (batch, spec.d)) @ dist.prior_sqrt + dist.prior_mean
     y = _targets(kf, spec, x, w, dist.prior_sqrt)
     # sigma = 0 adds exactly 0 * N(0, 1) = 0: skip the draw then (a sixth of the random bits
     # at d=5). Under vmap (sweeps) the cond becomes a select and both sides run: same values.
@@ -274,4 +289,4 @@ def sample_tasks(key: jax.Array, dist: Distribution, spec: TaskSpec, batch: int)
 def sample_weights(key: jax.Array, dist: Distribution, spec: TaskSpec, batch: int) -> jax.Array:
     """The w of ``sample_tasks(key, ...)`` for the same key (for moment tests and oracles)."""
     _, kw, _, _ = jax.random.split(key, 4)
-    return normal(kw, (batch, spec.d)) @ dist.prior_sqrt
+    return normal(kw, (batch, spec.d)) @ dist.prior_sqrt + dist.prior_mean

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from icl_gd.config import Config
+from icl_gd.config import Config, ConfigError
 from icl_gd.data import (
     TaskSpec,
     covariance_matrix,
@@ -244,3 +244,35 @@ def test_prior_eigenvalues_validation():
         Config(d=3, weight_prior="eigenvalues").validate()
     cfg = Config(d=3, weight_prior="eigenvalues", prior_eigenvalues=[4, 2, 1])
     assert cfg.prior_eigenvalues == (4.0, 2.0, 1.0) and Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_uniform_covariates_have_unit_variance_and_uniform_fourth_moment():
+    """--x_dist=uniform: i.i.d. coordinates on [-sqrt 3, sqrt 3] (variance 1, E z^4 = 9/5) before Sigma^1/2."""
+    cfg = Config(d=3, n=7, x_dist="uniform").validate()
+    t = sample_tasks(jax.random.key(3), distribution(cfg), TaskSpec.from_config(cfg), 40000)
+    z = np.asarray(t.x, np.float64).reshape(-1, 3)
+    assert np.abs(z).max() <= np.sqrt(3.0) + 1e-6
+    np.testing.assert_allclose(z.var(0), 1.0, atol=0.01)
+    np.testing.assert_allclose((z**4).mean(0), 9 / 5, atol=0.02)  # a Gaussian sampler gives 3
+    cov = covariance_matrix(Config(d=3, covariance="cond", cond=10.0, x_dist="uniform"))
+    cfg = Config(d=3, n=7, covariance="cond", cond=10.0, x_dist="uniform").validate()
+    t = sample_tasks(jax.random.key(4), distribution(cfg), TaskSpec.from_config(cfg), 40000)
+    x = np.asarray(t.x, np.float64).reshape(-1, 3)
+    np.testing.assert_allclose(x.T @ x / len(x), cov, atol=0.015)
+
+
+def test_prior_mean_shifts_w_and_enters_the_second_moment():
+    """--prior_mean=c: E[w] = c u (u Omega_0's first eigenvector) and prior_covariance = Omega_0 + mu mu^T."""
+    from icl_gd.data import prior_mean
+
+    cfg = Config(d=3, n=5, weight_prior="eigenvalues", prior_eigenvalues=(2.0, 1.0, 0.5), prior_mean=1.5).validate()
+    mu = prior_mean(cfg)
+    np.testing.assert_allclose(np.linalg.norm(mu), 1.5)
+    omega0 = prior_covariance(Config(d=3, n=5, weight_prior="eigenvalues", prior_eigenvalues=(2.0, 1.0, 0.5)))
+    np.testing.assert_allclose(omega0 @ mu, 2.0 * mu, rtol=1e-12)  # the top eigenvector
+    np.testing.assert_allclose(prior_covariance(cfg), omega0 + np.outer(mu, mu), rtol=1e-12)
+    w = np.asarray(sample_weights(jax.random.key(5), distribution(cfg), TaskSpec.from_config(cfg), 60000), np.float64)
+    np.testing.assert_allclose(w.mean(0), mu, atol=0.02)
+    np.testing.assert_allclose(w.T @ w / len(w), prior_covariance(cfg), atol=0.05)
+    with pytest.raises(ConfigError, match="prior_mean"):
+        Config(d=3, prior_mean=-1.0).validate()

@@ -30,9 +30,9 @@ from icl_gd.config import OPERATIONAL_FIELDS, Config, ConfigError
 # Fields that only change the Distribution arrays or the keys: members differing only in these
 # share one compiled program.
 VMAPPABLE_FIELDS = ("covariance", "cond", "eigenvalues", "rotate", "rotation_seed", "weight_prior", "noise", "seed",
-                    "x_scale", "w_scale", "prior_eigenvalues")
+                    "x_scale", "w_scale", "prior_eigenvalues", "prior_mean")
 # Fields added after sweeps existed: hashed only when set, so older members keep their folder names.
-HASHED_WHEN_SET = ("x_scale", "w_scale", "prior_eigenvalues")
+HASHED_WHEN_SET = ("x_scale", "w_scale", "prior_eigenvalues", "prior_mean")
 
 _NUM = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
 
