@@ -48,9 +48,10 @@ def _plain_gd_gap(cfg: Config) -> tuple[float, float]:
     """(L(eta_best I) - L*, eta_best): how much the best plain one-step GD loses to Gamma* (exact)."""
     sigma, omega = covariance_matrix(cfg), prior_covariance(cfg)
     eye = np.eye(cfg.d)
-    eta = theory.best_scale(eye, sigma, omega, cfg.n, cfg.noise, cfg.noise_dist)
+    eta = theory.best_scale(eye, sigma, omega, cfg.n, cfg.noise, cfg.noise_dist, cfg.x_dist, cfg.dof)
     _, l_star = theory.config_optimum(cfg)
-    return theory.loss_of_gamma(eta * eye, sigma, omega, cfg.n, cfg.noise, cfg.noise_dist) - l_star, eta
+    return theory.loss_of_gamma(eta * eye, sigma, omega, cfg.n, cfg.noise, cfg.noise_dist, cfg.x_dist,
+                                 cfg.dof) - l_star, eta
 
 
 def _judge(summaries: list[dict], size: Size) -> tuple[list[Check], list[dict]]:

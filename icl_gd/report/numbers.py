@@ -88,7 +88,7 @@ def analyze_run(run: Run, max_steps: int | None = None, num_tune_tasks: int = 2*
         })
         if theory.has_closed_form(cfg):
             out["exact_loss_of_gamma_learned"] = theory.loss_of_gamma(gamma, sigma, omega, cfg.n, cfg.noise,
-                                                                        cfg.noise_dist)
+                                                                        cfg.noise_dist, cfg.x_dist, cfg.dof)
     if linear and cfg.depth > 1:
         gammas, scale = probes.layer_preconditioners(params, cfg)
         out["layers"] = {

@@ -195,7 +195,8 @@ def plot_eta_vs_noise(rows: Sequence[dict[str, Any]], path: str) -> None:
         if theory.has_closed_form(cfg):
             sigma, omega = covariance_matrix(cfg), prior_covariance(cfg)
             grid = np.linspace(0.0, max(noises) * 1.1 + 1e-9, 50)
-            eta = [np.trace(theory.gamma_star(sigma, omega, cfg.n, s, cfg.noise_dist)) / cfg.d for s in grid]
+            law = (cfg.noise_dist, cfg.x_dist, cfg.dof)
+            eta = [np.trace(theory.gamma_star(sigma, omega, cfg.n, s, *law)) / cfg.d for s in grid]
             ax.plot(grid, eta, "--", color="k", lw=1, label="eta* = tr(Gamma*)/d")
         ax.set_ylim(bottom=0)
         ax.set_title(f"{key[0]}, {key[1]} prior, d={key[2]}, n={key[3]}", fontsize=8)

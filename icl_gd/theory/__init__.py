@@ -10,12 +10,15 @@ compared with, and the probes that read the trained weights.
 """
 
 from icl_gd.theory.optima import (
+    UNIFORM_M4,
     MCEstimate,
     ahn_preconditioner,
     best_scale,
     config_optimum,
     context_mean,
+    covariate_moments,
     eta_star,
+    fourth_moment,
     gamma_star,
     has_closed_form,
     inverse_prior_gamma_star,
@@ -35,12 +38,13 @@ from icl_gd.theory.optima import (
     second_moment,
     step_gammas,
     step_polynomial,
+    symmetric_sqrt,
 )
 
 __all__ = [
-    "MCEstimate", "ahn_preconditioner", "best_scale", "config_optimum", "context_mean", "eta_star", "gamma_star",
-    "has_closed_form", "inverse_prior_gamma_star", "isotropic_loss_star", "krylov_features", "loss_of_gamma",
-    "loss_star", "mc_gamma_star", "mc_loss", "noise_moment", "one_step_predict", "optimal_step_sizes",
-    "oracle_preconditioner", "pgd_predict", "pgd_weights", "scaled_pgd_predict", "second_moment", "step_gammas",
-    "step_polynomial",
+    "UNIFORM_M4", "MCEstimate", "ahn_preconditioner", "best_scale", "config_optimum", "context_mean",
+    "covariate_moments", "eta_star", "fourth_moment", "gamma_star", "has_closed_form", "inverse_prior_gamma_star",
+    "isotropic_loss_star", "krylov_features", "loss_of_gamma", "loss_star", "mc_gamma_star", "mc_loss", "noise_moment",
+    "one_step_predict", "optimal_step_sizes", "oracle_preconditioner", "pgd_predict", "pgd_weights",
+    "scaled_pgd_predict", "second_moment", "step_gammas", "step_polynomial", "symmetric_sqrt",
 ]

@@ -180,7 +180,8 @@ def tuned_steps(cfg: Config, precond: np.ndarray, max_steps: int, num_tasks: int
     for k in range(1, max_steps + 1):
         if k == 1 and theory.has_closed_form(cfg):
             sigma, omega = covariance_matrix(cfg), prior_covariance(cfg)
-            out.append(np.array([theory.best_scale(precond, sigma, omega, cfg.n, cfg.noise, cfg.noise_dist)]))
+            out.append(np.array([theory.best_scale(precond, sigma, omega, cfg.n, cfg.noise, cfg.noise_dist,
+                                                        cfg.x_dist, cfg.dof)]))
         else:
             with watchdog.stage(f"tuning {k}-step (P)GD step sizes on {num_tasks} tasks"):
                 etas = theory.optimal_step_sizes(tune_key(cfg.seed), dist, spec, precond, k, max_steps, num_tasks)

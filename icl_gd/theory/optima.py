@@ -1,13 +1,16 @@
 """What the theory says a trained LSA should compute, and how well it can do.
 
-Setting: x ~ N(0, Sigma), w ~ N(0, Omega), y = x^T w + eps, eps ~ N(0, sigma^2) on every pair.
-The one-layer predictor is yhat = (1/n) x_q^T Gamma X^T y = x_q^T Gamma g with g = (1/n) X^T y.
+Setting: x = Sigma^1/2 z with white z (E[z z^T] = I) of a law ``x_dist`` (Gaussian, uniform i.i.d.
+coordinates, uniform on the sphere, Student-t: ``data._directions``), w ~ N(mu, Omega_0) with
+Omega = E[w w^T], y = x^T w + eps on every pair. The one-layer predictor is
+yhat = (1/n) x_q^T Gamma X^T y = x_q^T Gamma g with g = (1/n) X^T y.
 
 * Closed forms (float64 NumPy, exact; label noise Gaussian, Laplace or heteroscedastic via
-  ``noise_dist``, see ``noise_moment``): ``second_moment``, ``loss_of_gamma``, ``gamma_star``,
+  ``noise_dist``, see ``noise_moment``; covariates of any law with finite fourth moments via
+  ``x_dist`` / ``dof``, see ``fourth_moment``): ``second_moment``, ``loss_of_gamma``, ``gamma_star``,
   ``loss_star``, ``best_scale`` and the special cases ``eta_star``, ``isotropic_loss_star``,
   ``inverse_prior_gamma_star``, ``ahn_preconditioner``.
-* Monte Carlo, for any distribution ``data.sample_tasks`` can draw (sphere / Student-t x,
+* Monte Carlo, for any distribution ``data.sample_tasks`` can draw (Student-t x with dof <= 4,
   nonlinear targets) where no closed form exists: ``mc_gamma_star`` (normal equations over
   vec(Gamma), with batch-means standard errors) and ``mc_loss``.
 * Multi-step references: ``pgd_predict`` (k steps of preconditioned GD) and
@@ -27,99 +30,181 @@ import numpy as np
 from icl_gd.config import Config
 from icl_gd.data import Distribution, Tasks, TaskSpec, covariance_matrix, prior_covariance, sample_tasks
 
+# ---------------------------------------------------------------------------------------
+# Fourth moments of the covariates: the only place the law of x enters the one-layer optimum.
+# ---------------------------------------------------------------------------------------
+UNIFORM_M4 = 9 / 5  # E z^4 of z uniform on [-sqrt 3, sqrt 3] (variance 1): 3^2 / 5
+
+
+def symmetric_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric PSD square root Sigma^1/2 (by eigh). It is unique, so it is the ``sigma_sqrt`` of
+    ``data.distribution`` (x = z Sigma^1/2, x_scale included) up to rounding."""
+    lam, u = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (u * np.sqrt(np.clip(lam, 0.0, None))) @ u.T
+
+
+def covariate_moments(x_dist: str, d: int, dof: float | None = None) -> tuple[float, float]:
+    """(kappa, e) with E[z_i z_j z_k z_l] = kappa (d_ij d_kl + d_ik d_jl + d_il d_jk) + e d_ijkl for the
+    white z of each law of ``data._directions`` (d_ijkl = 1 iff i = j = k = l):
+
+    * gaussian: (1, 0) (Isserlis).
+    * uniform: i.i.d. coordinates of variance 1 and E z^4 = m4 = 9/5, so every pairing term is 1 and
+      only the all-equal index adds m4 - 3: (1, m4 - 3) = (1, -6/5).
+    * sphere (z uniform on the sphere of radius sqrt d): rotation invariant, so the tensor is kappa times
+      the pairings; contracting i = j, k = l gives E|z|^4 = d^2 = kappa d (d + 2): (d / (d + 2), 0).
+    * student_t (z = g sqrt((nu - 2) / chi^2_nu), one chi^2 per point): E[z z z z] = (nu - 2)^2
+      E[chi^-4] E[g g g g] and E[1/chi^4_nu] = 1/((nu - 2)(nu - 4)) (inverse-chi^2 moments):
+      ((nu - 2) / (nu - 4), 0) for nu > 4; infinite for nu <= 4 (ValueError: no closed form).
+    """
+    if x_dist == "gaussian":
+        return 1.0, 0.0
+    if x_dist == "uniform":
+        return 1.0, UNIFORM_M4 - 3.0
+    if x_dist == "sphere":
+        return d / (d + 2.0), 0.0
+    if x_dist == "student_t":
+        if dof is None or not dof > 4:
+            raise ValueError(f"x_dist=student_t needs dof > 4 for finite fourth moments (got dof={dof})")
+        return (dof - 2.0) / (dof - 4.0), 0.0
+    raise ValueError(f"unknown x_dist {x_dist!r}")
+
+
+def fourth_moment(a: np.ndarray, sigma: np.ndarray, x_dist: str = "gaussian", dof: float | None = None) -> np.ndarray:
+    """E[x x^T A x x^T] for x = Sigma^1/2 z, z of law ``x_dist`` (``covariate_moments``: kappa, e).
+
+    With R = Sigma^1/2 (symmetric, ``symmetric_sqrt``) and B = R A R, E[x x^T A x x^T] = R E[z z^T B z z^T] R
+    and, from E[z_i z_j z_k z_l] = kappa (pairings) + e d_ijkl,
+    E[z z^T B z z^T]_il = sum_jk E[z_i z_j z_k z_l] B_jk = kappa (B_il + B_li + d_il tr B) + e d_il B_ii, so
+
+        E[x x^T A x x^T] = kappa (Sigma A Sigma + Sigma A^T Sigma + tr(A Sigma) Sigma) + e R Diag(R A R) R
+
+    (Diag: the diagonal part). Gaussian (kappa = 1, e = 0): Isserlis' 2 Sigma A Sigma + tr(A Sigma) Sigma for
+    symmetric A (Mahankali et al. 2023, proof of Thm. 2; Ahn et al. 2023, Lemma 6). The rotation-invariant
+    laws (sphere, Student-t) scale it by kappa; the uniform law's e-term is not rotation equivariant:
+    it reads A in the coordinates of z, which is why the symmetric root (the one ``data`` uses) matters.
+    """
+    kappa, e = covariate_moments(x_dist, sigma.shape[0], dof)
+    out = kappa * (sigma @ a @ sigma + sigma @ a.T @ sigma + np.trace(a @ sigma) * sigma)
+    if e:
+        r = symmetric_sqrt(sigma)
+        out = out + e * r @ np.diag(np.diag(r @ a @ r)) @ r
+    return out
+
 
 # ---------------------------------------------------------------------------------------
-# Exact closed forms (Gaussian x, linear target).
+# Exact closed forms (linear target, covariates of finite fourth moment).
 # ---------------------------------------------------------------------------------------
-def noise_moment(sigma: np.ndarray, noise: float, noise_dist: str = "gaussian") -> np.ndarray:
+def noise_moment(sigma: np.ndarray, noise: float, noise_dist: str = "gaussian", x_dist: str = "gaussian",
+                 dof: float | None = None) -> np.ndarray:
     """E[eps^2 x x^T] for one pair (x, eps): the label noise's share of n S (``second_moment``).
 
-    Noise independent of x ("gaussian", "laplace": mean 0, variance sigma^2): sigma^2 Sigma.
+    Noise independent of x ("gaussian", "laplace": mean 0, variance sigma^2): sigma^2 Sigma, for any law of x.
     "heteroscedastic" (``data._unit_noise``: Var(eps | x) = sigma^2 |x|^2 / tr(Sigma), E eps^2 =
-    sigma^2 overall): by Isserlis' theorem with A = I, E[|x|^2 x x^T] = E[x x^T x x^T] =
-    2 Sigma^2 + tr(Sigma) Sigma for x ~ N(0, Sigma), so
+    sigma^2 overall): E[eps^2 x x^T] = sigma^2 / tr(Sigma) E[x x^T I x x^T] = sigma^2 / tr(Sigma)
+    ``fourth_moment``(I); for Gaussian x (Isserlis, A = I) that is
 
-        E[eps^2 x x^T] = sigma^2 / tr(Sigma) (2 Sigma^2 + tr(Sigma) Sigma) = sigma^2 (Sigma + 2 Sigma^2 / tr(Sigma)).
+        sigma^2 / tr(Sigma) (2 Sigma^2 + tr(Sigma) Sigma) = sigma^2 (Sigma + 2 Sigma^2 / tr(Sigma)),
 
-    The noise grows along |x|, so it weighs the large-variance directions of Sigma more.
+    and the other laws replace it by their own fourth moment (so heteroscedastic noise keeps a closed
+    form with every law of x whose fourth moments are finite). The noise grows along |x|, so it weighs
+    the large-variance directions of Sigma more.
     """
     if noise_dist == "heteroscedastic":
-        return noise**2 * (sigma + 2 * sigma @ sigma / np.trace(sigma))
+        return noise**2 / np.trace(sigma) * fourth_moment(np.eye(sigma.shape[0]), sigma, x_dist, dof)
     return noise**2 * sigma
 
 
-def second_moment(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float,
-                  noise_dist: str = "gaussian") -> np.ndarray:
+def second_moment(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float, noise_dist: str = "gaussian",
+                  x_dist: str = "gaussian", dof: float | None = None) -> np.ndarray:
     """S = E[g g^T] for g = (1/n) X^T y.
 
-    With X^T X = sum_i x_i x_i^T and Isserlis' theorem E[x x^T A x x^T] = 2 Sigma A Sigma +
-    tr(A Sigma) Sigma, E[X^T X Omega X^T X] = n(n+1) Sigma Omega Sigma + n tr(Omega Sigma) Sigma,
-    and the noise adds (sigma^2 / n) Sigma:
+    The signal part is (1/n^2) sum_{i,j} E[x_i x_i^T w w^T x_j x_j^T] with w independent of X: the
+    n(n-1) pairs i != j (independent points) give Sigma Omega Sigma each, the n terms i = j give
+    M(Omega) = E[x x^T Omega x x^T] (``fourth_moment``, the law of x enters only here); the noise
+    adds (1/n) ``noise_moment``:
 
-        S = (n+1)/n Sigma Omega Sigma + (tr(Omega Sigma) + sigma^2)/n Sigma.
+        S = (n-1)/n Sigma Omega Sigma + (1/n) M(Omega) + (1/n) E[eps^2 x x^T].
 
-    (Mahankali et al. 2023, proof of Thm. 2 / Lemma D.2; Ahn et al. 2023, Lemma 6.)
+    Gaussian x (Isserlis, M(Omega) = 2 Sigma Omega Sigma + tr(Omega Sigma) Sigma):
+    S = (n+1)/n Sigma Omega Sigma + (tr(Omega Sigma) + sigma^2)/n Sigma
+    (Mahankali et al. 2023, proof of Thm. 2 / Lemma D.2; Ahn et al. 2023, Lemma 6). Rotation-invariant
+    laws of kurtosis factor kappa (sphere d/(d+2), Student-t (nu-2)/(nu-4)):
+    S = (n-1+2 kappa)/n Sigma Omega Sigma + kappa tr(Omega Sigma)/n Sigma + noise: kappa scales only the
+    i = j terms, not the (n-1)/n cross terms. Uniform coordinates add (m4-3)/n R Diag(R Omega R) R.
 
     The noise term is (1/n^2) sum_i E[eps_i^2 x_i x_i^T] = (1/n) ``noise_moment`` for any noise
     with E[eps_i | X, w] = 0, independent across pairs (the cross terms with the signal
-    (1/n) X^T X w and between pairs vanish). For heteroscedastic noise it is
-    sigma^2 / (n tr Sigma) (2 Sigma^2 + tr(Sigma) Sigma) instead of (sigma^2 / n) Sigma: the same
-    derivation as Mahankali et al. 2023's proof of Thm. 1/2 with only this term replaced.
+    (1/n) X^T X w and between pairs vanish). Only Omega = E[w w^T] enters (w independent of X).
     """
-    tr = float(np.trace(omega @ sigma))
-    return (n + 1) / n * sigma @ omega @ sigma + tr / n * sigma + noise_moment(sigma, noise, noise_dist) / n
+    m = fourth_moment(omega, sigma, x_dist, dof)
+    return ((n - 1) / n * sigma @ omega @ sigma + m / n
+            + noise_moment(sigma, noise, noise_dist, x_dist, dof) / n)
 
 
 def loss_of_gamma(gamma: np.ndarray, sigma: np.ndarray, omega: np.ndarray, n: int, noise: float,
-                  noise_dist: str = "gaussian") -> float:
+                  noise_dist: str = "gaussian", x_dist: str = "gaussian", dof: float | None = None) -> float:
     """Exact E[(yhat - y_q)^2] of yhat = x_q^T Gamma g, for ANY Gamma:
 
         L(Gamma) = tr(Sigma Gamma S Gamma^T) - 2 tr(Sigma Gamma Sigma Omega) + tr(Sigma Omega) + sigma^2,
 
     using E[g w^T] = Sigma Omega and x_q independent of (g, w) (Mahankali et al. 2023, eq. (4.1)).
-    Only S depends on the noise law (``second_moment``): E[g w^T] = Sigma Omega still, the query's
-    noise has E[eps_q | x_q] = 0 (no cross term) and E eps_q^2 = sigma^2 for every law here
-    (heteroscedastic: sigma^2 E|x_q|^2 / tr(Sigma) = sigma^2). The predictor is linear in the
-    noise, so only these second moments enter: Laplace noise gives exactly the Gaussian L(Gamma).
+    Only S depends on the noise law and on the law of x (``second_moment``): E[g w^T] = Sigma Omega
+    and E[x_q x_q^T] = Sigma for every law, the query's noise has E[eps_q | x_q] = 0 (no cross term)
+    and E eps_q^2 = sigma^2 for every law here (heteroscedastic: sigma^2 E|x_q|^2 / tr(Sigma) =
+    sigma^2). The predictor is linear in the noise, so only these second moments enter: Laplace noise
+    gives exactly the Gaussian L(Gamma).
     """
-    s = second_moment(sigma, omega, n, noise, noise_dist)
+    s = second_moment(sigma, omega, n, noise, noise_dist, x_dist, dof)
     return float(np.trace(sigma @ gamma @ s @ gamma.T) - 2 * np.trace(sigma @ gamma @ sigma @ omega)
                  + np.trace(sigma @ omega) + noise**2)
 
 
-def gamma_star(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float, noise_dist: str = "gaussian") -> np.ndarray:
+def gamma_star(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float, noise_dist: str = "gaussian",
+               x_dist: str = "gaussian", dof: float | None = None) -> np.ndarray:
     """The minimiser of ``loss_of_gamma``: Sigma Gamma S = Sigma Omega Sigma => Gamma* = Omega Sigma S^-1.
 
     (Setting d L / d Gamma = 2 Sigma Gamma S - 2 Sigma Omega Sigma to zero; L is strictly convex
     in Gamma since Sigma, S > 0. Mahankali et al. 2023, Thm. 2 for Omega = Sigma^-1.) Any noise
-    law enters through S alone. For Sigma = Omega = I and heteroscedastic noise
-    Gamma* = n / (n + d + 1 + sigma^2 (d+2)/d) I: the noise acts as sigma^2 (1 + 2/d) on the step.
+    law and any law of x enter through S alone. For Sigma = Omega = I and heteroscedastic noise
+    (Gaussian x) Gamma* = n / (n + d + 1 + sigma^2 (d+2)/d) I: the noise acts as sigma^2 (1 + 2/d) on the
+    step. For Sigma = Omega = I and other laws of x see ``eta_star``.
     """
-    s = second_moment(sigma, omega, n, noise, noise_dist)
+    s = second_moment(sigma, omega, n, noise, noise_dist, x_dist, dof)
     return np.linalg.solve(s.T, (omega @ sigma).T).T
 
 
-def loss_star(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float, noise_dist: str = "gaussian") -> float:
+def loss_star(sigma: np.ndarray, omega: np.ndarray, n: int, noise: float, noise_dist: str = "gaussian",
+              x_dist: str = "gaussian", dof: float | None = None) -> float:
     """L* = L(Gamma*), the best loss of any one-layer LSA (Mahankali et al. 2023, Thm. 1-2)."""
-    return loss_of_gamma(gamma_star(sigma, omega, n, noise, noise_dist), sigma, omega, n, noise, noise_dist)
+    return loss_of_gamma(gamma_star(sigma, omega, n, noise, noise_dist, x_dist, dof), sigma, omega, n, noise,
+                         noise_dist, x_dist, dof)
 
 
 def best_scale(precond: np.ndarray, sigma: np.ndarray, omega: np.ndarray, n: int, noise: float,
-               noise_dist: str = "gaussian") -> float:
+               noise_dist: str = "gaussian", x_dist: str = "gaussian", dof: float | None = None) -> float:
     """argmin_c L(c P) = tr(Sigma P Sigma Omega) / tr(Sigma P S P^T): the tuned step of one GD step
     with preconditioner P (L(cP) is the quadratic c^2 tr(Sigma P S P^T) - 2c tr(Sigma P Sigma Omega) + const,
     from eq. (4.1) of Mahankali et al. 2023 as in ``loss_of_gamma``)."""
-    s = second_moment(sigma, omega, n, noise, noise_dist)
+    s = second_moment(sigma, omega, n, noise, noise_dist, x_dist, dof)
     return float(np.trace(sigma @ precond @ sigma @ omega) / np.trace(sigma @ precond @ s @ precond.T))
 
 
-def eta_star(n: int, d: int, noise: float) -> float:
-    """Optimal GD step for Sigma = Omega = I: eta* = n / (n + d + 1 + sigma^2) (Mahankali et al., Thm. 1)."""
-    return n / (n + d + 1 + noise**2)
+def eta_star(n: int, d: int, noise: float, x_dist: str = "gaussian", dof: float | None = None) -> float:
+    """Optimal GD step for Sigma = Omega = I (label noise independent of x):
+
+        eta* = n / (n - 1 + kappa (d + 2) + e + sigma^2)      (``covariate_moments``: kappa, e),
+
+    since S = (n - 1 + kappa (d + 2) + e + sigma^2)/n I there (``second_moment`` with
+    ``fourth_moment``(I) = (kappa (d + 2) + e) I). Gaussian x: n / (n + d + 1 + sigma^2) (Mahankali et al.,
+    Thm. 1); uniform coordinates (e = m4 - 3 = -6/5): n / (n + d + 1 + (m4 - 3) + sigma^2) =
+    n / (n + d - 0.2 + sigma^2); sphere (kappa (d + 2) = d): n / (n + d - 1 + sigma^2); Student-t:
+    n / (n - 1 + (nu - 2)(d + 2)/(nu - 4) + sigma^2)."""
+    kappa, e = covariate_moments(x_dist, d, dof)
+    return n / (n - 1 + kappa * (d + 2) + e + noise**2)
 
 
 def isotropic_loss_star(n: int, d: int, noise: float) -> float:
-    """L* = sigma^2 + d (d + 1 + sigma^2) / (n + d + 1 + sigma^2) for Sigma = Omega = I.
+    """L* = sigma^2 + d (d + 1 + sigma^2) / (n + d + 1 + sigma^2) for Sigma = Omega = I (Gaussian x).
 
     Also L* for Omega = Sigma^-1 and any Sigma: there Gamma* = eta* Sigma^-1 (see
     ``inverse_prior_gamma_star``) and L(c Sigma^-1) = c^2 d (n+d+1+sigma^2)/n - 2cd + d + sigma^2.
@@ -129,33 +214,36 @@ def isotropic_loss_star(n: int, d: int, noise: float) -> float:
 
 def inverse_prior_gamma_star(sigma: np.ndarray, n: int, noise: float) -> np.ndarray:
     """Gamma* = n / (n + d + 1 + sigma^2) Sigma^-1 for Omega = Sigma^-1 (Mahankali et al. 2023, Thm. 2):
-    S = (n + 1 + d + sigma^2)/n Sigma there, so Gamma* = Omega Sigma S^-1 = S^-1."""
+    S = (n + 1 + d + sigma^2)/n Sigma there, so Gamma* = Omega Sigma S^-1 = S^-1 (Gaussian x)."""
     d = sigma.shape[0]
     return eta_star(n, d, noise) * np.linalg.inv(sigma)
 
 
 def ahn_preconditioner(sigma: np.ndarray, n: int) -> np.ndarray:
-    """Ahn et al. 2023, Thm. 1 (Omega = I, noise 0): Gamma* = ((n+1)/n Sigma + tr(Sigma)/n I)^-1."""
+    """Ahn et al. 2023, Thm. 1 (Omega = I, noise 0, Gaussian x): Gamma* = ((n+1)/n Sigma + tr(Sigma)/n I)^-1."""
     d = sigma.shape[0]
     return np.linalg.inv((n + 1) / n * sigma + np.trace(sigma) / n * np.eye(d))
 
 
 def has_closed_form(cfg: Config) -> bool:
-    """Whether the closed forms give the exact one-layer optimum of ``cfg``'s distribution:
-    Gaussian x and linear targets; any Sigma, any prior, any noise law in ``NOISE_DISTS`` (one
-    independent of x enters only through sigma^2, so Laplace is Gaussian's; heteroscedastic noise
-    changes S, ``noise_moment``). Callers pass ``cfg.noise_dist`` to the closed forms."""
-    return cfg.x_dist == "gaussian" and cfg.target == "linear"
+    """Whether the closed forms give the exact one-layer optimum of ``cfg``'s distribution: linear
+    targets and covariates of finite fourth moments (Gaussian, uniform, sphere, Student-t with dof > 4:
+    ``covariate_moments``); any Sigma, any prior, any noise law in ``NOISE_DISTS`` (one independent of
+    x enters only through sigma^2, so Laplace is Gaussian's; heteroscedastic noise changes S,
+    ``noise_moment``, with every such law of x). Callers pass ``cfg.noise_dist``, ``cfg.x_dist`` and
+    ``cfg.dof`` to the closed forms."""
+    finite = cfg.x_dist in ("gaussian", "uniform", "sphere") or (cfg.x_dist == "student_t" and cfg.dof > 4)
+    return finite and cfg.target == "linear"
 
 
 def config_optimum(cfg: Config) -> tuple[np.ndarray, float] | None:
-    """(Gamma*, L*) for a run's distribution (heteroscedastic noise included), or None where no
+    """(Gamma*, L*) for a run's distribution (its noise law and law of x included), or None where no
     closed form applies."""
     if not has_closed_form(cfg):
         return None
     sigma, omega = covariance_matrix(cfg), prior_covariance(cfg)
-    return (gamma_star(sigma, omega, cfg.n, cfg.noise, cfg.noise_dist),
-            loss_star(sigma, omega, cfg.n, cfg.noise, cfg.noise_dist))
+    law = (cfg.noise_dist, cfg.x_dist, cfg.dof)
+    return gamma_star(sigma, omega, cfg.n, cfg.noise, *law), loss_star(sigma, omega, cfg.n, cfg.noise, *law)
 
 
 # ---------------------------------------------------------------------------------------

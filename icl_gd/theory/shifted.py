@@ -59,7 +59,7 @@ def exact_loss(cfg: Config, params: Params) -> tuple[float, float, str] | None:
     if cfg.depth == 1 and theory.has_closed_form(cfg):
         gamma = probes.effective_gamma(params, cfg)
         loss = theory.loss_of_gamma(gamma, covariance_matrix(cfg), prior_covariance(cfg), cfg.n, cfg.noise,
-                                    cfg.noise_dist)
+                                    cfg.noise_dist, cfg.x_dist, cfg.dof)
         return float(loss), 0.0, "closed-form loss of x_q^T Gamma_eff (1/n) X^T y"
     if cfg.parameterization == "sparse" and general_form.has_general_form_optimum(cfg):
         gammas, _ = probes.layer_preconditioners(params, cfg)
