@@ -26,14 +26,15 @@ from absl import logging
 
 import icl_gd
 from icl_gd import report, sweep
-from icl_gd.experiments import ahn, beyond, context, mahankali, prior
+from icl_gd.experiments import ahn, beyond, context, covariates, heads, mahankali, prior, symmetry
 from icl_gd.experiments.base import Experiment, Outcome, Size, train_seconds
 
 __all__ = ["EXPERIMENTS", "Experiment", "Outcome", "Size", "run_experiment"]
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (*mahankali.EXPERIMENTS, *ahn.EXPERIMENTS,
                                                              *beyond.EXPERIMENTS, *prior.EXPERIMENTS,
-                                                             *context.EXPERIMENTS)}
+                                                             *context.EXPERIMENTS, *heads.EXPERIMENTS,
+                                                             *symmetry.EXPERIMENTS, *covariates.EXPERIMENTS)}
 
 
 def run_experiment(name: str, root: str, size: Size, log: Callable[[str], None] = logging.info) -> Outcome:
