@@ -103,6 +103,25 @@ def test_features_span_the_full_model(heads):
     assert res < 1e-10
 
 
+def test_relative_output_distance_is_the_rms_of_the_outputs_and_the_excess_loss():
+    """On one sample with G = phi^T phi / N: relative_output_distance = RMS(phi.theta - phi.ref) / RMS(phi.ref)
+    exactly, and for the sample's least-squares theta* the excess sample loss of any theta is
+    (theta - theta*)^T G (theta - theta*)."""
+    cfg = dataclasses.replace(BASE, prior_mean=C1)
+    with jax.enable_x64(True):
+        tasks = sample_tasks(jax.random.PRNGKey(7), distribution(cfg), TaskSpec.from_config(cfg), 4096)
+        phi = np.asarray(symmetry.full_features(tasks), np.float64)
+        y = np.asarray(tasks.y_query, np.float64)
+    gram = phi.T @ phi / len(phi)
+    rng = np.random.default_rng(8)
+    theta, ref = rng.standard_normal(phi.shape[1]), rng.standard_normal(phi.shape[1])
+    rms = np.sqrt(np.mean((phi @ theta - phi @ ref) ** 2) / np.mean((phi @ ref) ** 2))
+    assert np.isclose(symmetry.relative_output_distance(theta, ref, gram), rms, rtol=1e-10)
+    best = np.linalg.solve(gram, phi.T @ y / len(phi))
+    excess = np.mean((phi @ theta - y) ** 2) - np.mean((phi @ best - y) ** 2)
+    assert np.isclose(excess, (theta - best) @ gram @ (theta - best), rtol=1e-8)
+
+
 def test_centred_span_optimum_is_one_gd_step():
     """c = 0: over every feature of the full model, the MC optimum is Gamma* g (extra coefficients zero within
     Z standard errors, the GD block at the closed form) and its loss on fresh tasks is L*."""

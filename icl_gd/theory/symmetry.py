@@ -159,6 +159,16 @@ def start_head(w0: np.ndarray, gamma: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return w0.copy(), np.concatenate([-w0, [1.0]]), m
 
 
+def relative_output_distance(theta: np.ndarray, ref: np.ndarray, gram: np.ndarray) -> float:
+    """RMS(phi . theta - phi . ref) / RMS(phi . ref) over tasks with E[phi phi^T] = ``gram``: the distance of two
+    predictors in the feature span measured on their outputs, sqrt((theta - ref)^T G (theta - ref) / ref^T G ref)
+    (E[(phi . v)^2] = v^T G v). Scale-free like ||Gamma - Gamma*|| / ||Gamma*||, but weighting each coefficient by
+    its feature's size (C_yy x_q is larger than Sigma_hat_jk x_q); with theta* optimal, (theta - theta*)^T G
+    (theta - theta*) is exactly theta's excess loss over theta*'s (least squares)."""
+    diff = np.asarray(theta, np.float64) - np.asarray(ref, np.float64)
+    return float(np.sqrt(diff @ gram @ diff / (ref @ gram @ ref)))
+
+
 def implied_start(theta: np.ndarray, d: int) -> tuple[np.ndarray, float]:
     """(w_0, residual): the start whose GD term -Gamma Sigma_hat w_0 best matches theta's Sigma_hat block K.
 
