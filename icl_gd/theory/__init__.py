@@ -7,6 +7,8 @@ compared with, and the probes that read the trained weights.
 * ``probes``: Gamma_eff, per-layer preconditioners and fits read from trained weights.
 * ``general_form``: Ahn et al.'s general multi-layer form reduced to a polynomial in the
   eigenvalues of X^T X / n, and its (a_l, b_l) optimum by Monte Carlo + L-BFGS.
+* ``symmetry``: a prior mean breaks w -> -w; the best predictor over every feature of the ``full`` model
+  (exact: GD from the start w_0 = mu) and its Monte-Carlo check; re-exported here.
 """
 
 from icl_gd.theory.optima import (
@@ -40,6 +42,19 @@ from icl_gd.theory.optima import (
     step_polynomial,
     symmetric_sqrt,
 )
+from icl_gd.theory.symmetry import (
+    FullOptimum,
+    config_start_optimum,
+    full_feature_predict,
+    full_features,
+    implied_start,
+    loss_from_start,
+    mc_full_optimum,
+    model_coefficients,
+    start_coefficients,
+    start_optimum,
+    start_predict,
+)
 
 __all__ = [
     "UNIFORM_M4", "MCEstimate", "ahn_preconditioner", "best_scale", "config_optimum", "context_mean",
@@ -47,4 +62,6 @@ __all__ = [
     "isotropic_loss_star", "krylov_features", "loss_of_gamma", "loss_star", "mc_gamma_star", "mc_loss", "noise_moment",
     "one_step_predict", "optimal_step_sizes", "oracle_preconditioner", "pgd_predict", "pgd_weights",
     "scaled_pgd_predict", "second_moment", "step_gammas", "step_polynomial", "symmetric_sqrt",
+    "FullOptimum", "config_start_optimum", "full_feature_predict", "full_features", "implied_start",
+    "loss_from_start", "mc_full_optimum", "model_coefficients", "start_coefficients", "start_optimum", "start_predict",
 ]
