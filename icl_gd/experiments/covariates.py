@@ -17,17 +17,18 @@ m4 = 9/5; uniform on the sphere kappa = d/(d+2) (``covariate_moments``). For Sig
 
 larger steps than the Gaussian n/(n+d+1+sigma^2): lighter tails (a smaller fourth moment) shrink the n
 diagonal terms of S, the sampling noise of the empirical covariance X^T X / n, so the optimum shrinks the step
-less. For a rotated anisotropic Sigma
-the uniform term R Diag(R Omega R) R is no multiple of Sigma Omega Sigma (the law is not rotation-invariant),
-so Gamma* also changes shape, by 1.6% after the best rescaling at cond 4 (reported, below GAMMA_TOL).
+less. For a rotated anisotropic Sigma the uniform term R Diag(R Omega R) R is no multiple of Sigma Omega Sigma
+(the law is not rotation-invariant), so Gamma* also changes shape, by 1.6% after the best rescaling at cond 4
+(reported as law_vs_rescaled_gaussian_gamma, not judged: below GAMMA_TOL).
 
-The experiment trains 1-layer LSAs (``full``, as the mahankali experiments: it reached every closed form here
-at seed 0 at both scales) on uniform x (Sigma = I at sigma = 0 and 0.5; Sigma of cond 4, rotated, sigma = 0)
-and on the sphere (Sigma = I, sigma = 0.5), and checks Gamma_eff against each law's own closed form, the
-learned eta against its tr(Gamma*)/d, the held-out loss against the best one-layer predictor on the same
-tasks, and that the Gaussian formula's Gamma* is rejected: the Gaussian and the law's Gamma* are 4.6-14%
-apart (d=3, n=10: 8.4-14%; d=5, n=20: 4.6-7.7%), more than GAMMA_TOL = 2%, so Gamma_eff cannot be within the
-tolerance of both.
+The experiment trains 1-layer LSAs (``full``, as the mahankali experiments: at seed 0 it reached every closed
+form here at both scales, Gamma_eff within 0.31-0.48% of Gamma*, so ``sparse`` is not needed) on uniform x
+(Sigma = I at sigma = 0 and 0.5; Sigma of cond 4, rotated, sigma = 0) and on the sphere (Sigma = I,
+sigma = 0.5), and checks Gamma_eff against each law's own closed form, the learned eta against its
+tr(Gamma*)/d, the held-out loss against the best one-layer predictor on the same tasks, and that the Gaussian
+formula's Gamma* is rejected: Gamma_eff's relative distance to it must exceed the one to the law's Gamma* by
+GAMMA_TOL (an untrained model, equally far from both, fails). ||Gamma*_law - Gamma*_gauss|| / ||Gamma*_gauss|| is
+9.1-16% at d=3, n=10 and 4.8-8.2% at d=5, n=20, more than GAMMA_TOL = 2%, so the experiment discriminates.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ def _judge(summaries: list[dict], size: Size) -> tuple[list[Check], list[dict]]:
                                 eta_law, ETA_TOL))
         checks += [
             loss_check(s, tag),
-            Check(f"the Gaussian formula's Gamma* is rejected ({tag}): ||Gamma_eff - Gamma*_gauss||/||Gamma*_gauss||",
-                  relative_error(g, g_gauss), GAMMA_TOL, 0.0, "min"),
+            Check(f"the Gaussian formula's Gamma* is rejected ({tag}): ||Gamma_eff - Gamma*_gauss||/||Gamma*_gauss|| "
+                  f"exceeds the distance to this law's Gamma* by", relative_error(g, g_gauss) - s["rel_error"],
+                  GAMMA_TOL, 0.0, "min"),
         ]
         scale = float(np.sum(g_law * g_gauss) / np.sum(g_gauss**2))  # best multiple of the Gaussian Gamma*
         rows.append(summary_row(s, x_dist=c["x_dist"], covariance=c["covariance"], noise=c["noise"],
