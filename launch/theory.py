@@ -5,7 +5,8 @@ Takes every Config flag (d, n, covariance, weight prior, noise, target, depth, p
 
 * the covariance Sigma (and prior Omega) the config draws tasks from;
 * the best one-layer LSA: Gamma*, L* and eta* = tr(Gamma*)/d, in closed form (Mahankali et al.
-  2023, Thm. 2 with any Omega; ``theory.gamma_star``) where x is Gaussian and the target linear,
+  2023, Thm. 2 with any Omega; ``theory.gamma_star``) where the target is linear and x has finite
+  fourth moments (Gaussian, uniform, sphere, Student-t with dof > 4: ``theory.fourth_moment``),
   else Gamma* by Monte Carlo (normal equations on ``--num_tasks`` tasks) and its loss on held-out tasks;
 * for any depth L: the tuned L-step GD and Sigma^-1-preconditioned GD step sizes and losses
   (``theory.optimal_step_sizes``: L-BFGS on a fixed Monte-Carlo sample of tasks; k = 1 in closed

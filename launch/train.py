@@ -47,7 +47,7 @@ def report(summary: dict, cfg) -> str:
         line = f"learned eta    {summary['eta_learned']:.4f}"
         if "eta_star" in summary:
             iso = (cfg.covariance == "isotropic" and cfg.weight_prior == "identity"
-                   and cfg.noise_dist != "heteroscedastic")
+                   and cfg.noise_dist != "heteroscedastic" and cfg.x_dist == "gaussian" and not cfg.prior_mean)
             name = "eta* = n/(n+d+1+sigma^2)" if iso else "eta* = tr(Gamma*)/d"
             line += f"    {name} {summary['eta_star']:.4f}    ({_rel(summary['eta_learned'], summary['eta_star'])})"
         lines.append(line)

@@ -178,7 +178,7 @@ def test_config_optimum():
     cfg = CASES[0]
     g, l = theory.config_optimum(cfg)
     np.testing.assert_allclose(g, theory.gamma_star(*_exact(cfg)))
-    assert theory.config_optimum(Config(x_dist="sphere")) is None
+    assert theory.config_optimum(Config(x_dist="student_t", dof=4.0)) is None  # infinite fourth moments
     assert theory.config_optimum(Config(target="tanh")) is None
     # Heteroscedastic noise: a closed form too (every caller passes cfg.noise_dist).
     het = HETERO_CASES[0]
@@ -187,7 +187,7 @@ def test_config_optimum():
     np.testing.assert_allclose(l, theory.loss_star(*_exact(het), "heteroscedastic"))
     assert theory.has_closed_form(het)
     assert theory.has_closed_form(dataclasses.replace(het, noise_dist="laplace"))
-    assert theory.config_optimum(dataclasses.replace(het, x_dist="sphere")) is None
+    assert theory.config_optimum(dataclasses.replace(het, x_dist="student_t", dof=3.0)) is None
     # Sigma = Omega = I: Gamma* = n / (n + d + 1 + sigma^2 (d+2)/d) I, the noise weighted by 1 + 2/d.
     for d, n, noise in ((3, 10, 0.7), (5, 20, 0.7)):
         eye = np.eye(d)

@@ -140,9 +140,10 @@ def general_form_optimum(d: int, n: int, depth: int, noise: float = 0.0, num_pro
 
 
 def has_general_form_optimum(cfg: Config) -> bool:
-    """The reduction needs Gaussian x, a linear target, Gaussian noise and a whitened prior w' ~ N(0, I):
-    w ~ N(0, Sigma^-1), or Sigma = I with w ~ N(0, I)."""
-    whitened = (cfg.weight_prior == "inverse" or cfg.covariance == "isotropic") and cfg.x_scale == cfg.w_scale == 1
+    """The reduction needs Gaussian x, a linear target, Gaussian noise and a whitened, centred prior
+    w' ~ N(0, I): w ~ N(0, Sigma^-1), or Sigma = I with w ~ N(0, I)."""
+    whitened = ((cfg.weight_prior == "inverse" or cfg.covariance == "isotropic") and cfg.x_scale == cfg.w_scale == 1
+                and cfg.prior_mean == 0)
     return (whitened and cfg.x_dist == "gaussian" and cfg.target == "linear" and cfg.noise_dist == "gaussian"
             and cfg.attention == "linear")
 

@@ -35,7 +35,7 @@ from icl_gd.model import Params
 from icl_gd.theory import baselines, general_form, probes
 
 TASK_FIELDS = ("n", "covariance", "cond", "eigenvalues", "rotate", "rotation_seed", "x_dist", "dof", "weight_prior",
-               "noise", "noise_dist", "target", "relu_width", "x_scale", "w_scale")
+               "noise", "noise_dist", "target", "relu_width", "x_scale", "w_scale", "prior_mean")
 
 
 def shifted_config(cfg: Config, num_tasks: int | None = None, **overrides: Any) -> Config:
@@ -56,7 +56,9 @@ def exact_loss(cfg: Config, params: Params) -> tuple[float, float, str] | None:
     alone (module docstring), or None where no such formula applies."""
     if cfg.attention != "linear":
         return None
-    if cfg.depth == 1 and theory.has_closed_form(cfg):
+    # With a prior mean the full form's features beyond Gamma g carry signal (theory.symmetry): only the
+    # sparse form is then exactly x_q^T Gamma g.
+    if cfg.depth == 1 and theory.has_closed_form(cfg) and (cfg.prior_mean == 0 or cfg.parameterization == "sparse"):
         gamma = probes.effective_gamma(params, cfg)
         loss = theory.loss_of_gamma(gamma, covariance_matrix(cfg), prior_covariance(cfg), cfg.n, cfg.noise,
                                     cfg.noise_dist, cfg.x_dist, cfg.dof)
