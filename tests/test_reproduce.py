@@ -28,8 +28,7 @@ def test_every_experiment_runs_end_to_end(tmp_path):
         assert f"![{name}](figures/quick/{name}.png)" in text
         assert (tmp_path / "runs" / name / "results.json").exists()
     judged = [ln for ln in out.stdout.splitlines() if re.match(r"^(PASS|FAIL)  ", ln)]
-    reports = [ln for ln in out.stdout.splitlines() if ln.startswith("REPORT ")]
-    assert len(judged) >= 20 and len(reports) >= 2
+    assert len(judged) >= 20  # every experiment is judged now (none reported-only)
     assert re.search(r"^\d+ passed, \d+ failed$", out.stdout, re.M)
     record = json.loads((tmp_path / "docs" / "results_quick.json").read_text())
     assert record["scale"]["quick"] is True and record["wall_seconds"] > record["train_seconds"] > 0
