@@ -4,11 +4,12 @@ Every experiment trains what it needs through the sweep machinery (``icl_gd.swee
 one vmapped program per shape group, resumable, finished members skipped), analyses each
 checkpoint with ``icl_gd.report.analyze_run`` (held-out loss, Gamma_eff, Gamma*, baselines) and
 turns the numbers into ``Check``s with stated tolerances. ``beyond_*`` experiments go past the
-papers (their open questions): judged where the theory makes a prediction (label-noise laws,
-an anisotropic prior alone, test-time context length), reported where it does not (attention
-variants).
+papers (their open questions), each judged against a derived prediction: covariate laws, a prior
+mean, an anisotropic prior alone, label-noise laws, low-rank heads, attention variants, depth on
+nonlinear targets, test-time context length.
 
-One module per paper or question (``mahankali``, ``ahn``, ``beyond``, ``context``, ``prior``), each
+One module per paper or question (``mahankali``, ``ahn``, ``beyond``, ``context``, ``prior``,
+``covariates``, ``symmetry``, ``heads``), each
 ending in its ``EXPERIMENTS``; ``base`` holds the shared machinery; this module is the registry and ``run_experiment``.
 
 Sizes: ``quick`` (d=3, n=10, 2000 steps x the experiment's length factor) and the papers' scale
