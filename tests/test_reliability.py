@@ -23,9 +23,12 @@ RUN_FLAGS = ["--d=3", "--n=5", "--batch_size=128", "--steps=1500", "--log_every=
 
 
 def _launch(workdir, *extra: str) -> subprocess.Popen:
+    """A launch.train that compiles its programs itself (no compilation cache): the kill and signal tests
+    time their signals against a run whose start-up and length they were sized for."""
     cmd = launchers.command("launch.train", f"--workdir={workdir}", *RUN_FLAGS, *extra)
-    return subprocess.Popen(cmd, cwd=launchers.ROOT, env=launchers.cpu_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env = {k: v for k, v in launchers.cpu_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    return subprocess.Popen(cmd, cwd=launchers.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def _assert_same_state(a_dir, b_dir) -> None:
@@ -106,7 +109,13 @@ def test_second_trainer_on_a_workdir_is_refused(tmp_path):
     deadline = time.time() + 120
     while not (lock.exists() and lock.read_text()) and time.time() < deadline:
         time.sleep(0.1)
-    second = launchers.run("launch.train", f"--workdir={tmp_path}", *RUN_FLAGS, timeout=120)
+    # Hold the first trainer still (alive, lock held) while the second starts: a fast first run (e.g. with
+    # its programs in the compilation cache) must not finish and release the folder before the second looks.
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = launchers.run("launch.train", f"--workdir={tmp_path}", *RUN_FLAGS, timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
