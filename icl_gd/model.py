@@ -50,7 +50,8 @@ every layer on (d+1) x (d+1) matrices: O((d+1)^4) per task and layer, independen
 arrays are feature-major ([d+1, d+1, B]) and the per-task products unrolled over one index with
 a hand-written VJP (``_per_task_matmul``) because XLA:CPU runs batched tiny dots, and the
 reductions autodiff makes of broadcasts, several times slower than fused elementwise loops;
-docs/BENCHMARKS.md has the numbers. ``apply_naive`` keeps the score-matrix form as the oracle.
+each product is materialised once (``_barrier``) because XLA:CPU would fuse chains of them and
+recompute every inner product for each element that reads it. docs/BENCHMARKS.md has the numbers. ``apply_naive`` keeps the score-matrix form as the oracle.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_batching
 
 from icl_gd.config import Config
 
@@ -158,30 +160,77 @@ def _matmul_unrolled(a: jax.Array, b: jax.Array) -> jax.Array:
     return sum(a[:, j, None, :] * b[None, j, :, :] for j in range(a.shape[1]))
 
 
+def _cpu_barrier(x: jax.Array) -> jax.Array:
+    # A conditional is a fusion boundary, and XLA cannot prove ``x[0] > inf`` false, so the
+    # operand is computed once; the other branch never runs (nothing exceeds inf, NaN included).
+    return jax.lax.cond(x.reshape(-1)[0] > jnp.inf, jnp.zeros_like, lambda a: a, x)
+
+
+@custom_batching.custom_vmap
+def _barrier(x: jax.Array) -> jax.Array:
+    """The identity, computed as a materialised array that XLA:CPU cannot fuse into consumers.
+
+    Why: XLA:CPU duplicates cheap elementwise producers into every consumer fusion, even one
+    that reads each element many times, and it drops ``optimization_barrier``. A chain of k
+    unrolled per-task (d+1) x (d+1) matmuls then costs (d+1)^(k-1) times its arithmetic: the
+    gradient of a 4-layer model fused the layers' backward products into chains and ran 3x
+    slower (docs/BENCHMARKS.md). Other backends fuse with a cost model and get the plain identity.
+    """
+    return jax.lax.platform_dependent(x, cpu=_cpu_barrier, default=lambda a: a)
+
+
+@_barrier.def_vmap
+def _barrier_vmap(axis_size: int, in_batched: list[bool], x: jax.Array) -> tuple[jax.Array, bool]:
+    # Under vmap (sweep members) the barrier stays one conditional on the whole stacked array;
+    # a batched predicate would turn it into a select that XLA fuses away.
+    return _barrier(x), in_batched[0]
+
+
+@jax.custom_vjp
+def _materialized(x: jax.Array) -> jax.Array:
+    """``_barrier`` on the value and on its cotangent."""
+    return _barrier(x)
+
+
+_materialized.defvjp(lambda x: (_barrier(x), None), lambda _, g: (_barrier(g),))
+
+
 @jax.custom_vjp
 def _per_task_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     """``_matmul_unrolled`` whose VJP is two more of them (autodiff of the broadcasts would give
-    reductions over the small axes, XLA:CPU's slow path)."""
-    return _matmul_unrolled(a, b)
+    reductions over the small axes, XLA:CPU's slow path); every product is materialised
+    (``_barrier``), so chained products never recompute each other."""
+    return _barrier(_matmul_unrolled(a, b))
 
 
 def _per_task_matmul_fwd(a: jax.Array, b: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _matmul_unrolled(a, b), (a, b)
+    return _barrier(_matmul_unrolled(a, b)), (a, b)
 
 
 def _per_task_matmul_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     a, b = res
-    return _matmul_unrolled(g, jnp.swapaxes(b, 0, 1)), _matmul_unrolled(jnp.swapaxes(a, 0, 1), g)
+    return (_barrier(_matmul_unrolled(g, jnp.swapaxes(b, 0, 1))),
+            _barrier(_matmul_unrolled(jnp.swapaxes(a, 0, 1), g)))
 
 
 _per_task_matmul.defvjp(_per_task_matmul_fwd, _per_task_matmul_bwd)
 
 
+_UNROLL_N = 64  # G_0's sums over the context unrolled up to this n (a YNNPACK reduction above)
+
+
 def _gram(x: jax.Array, y: jax.Array) -> jax.Array:
-    """G_0 = Z_c^T Z_c per task, feature-major [d+1, d+1, B]: one reduction over n per entry pair."""
+    """G_0 = Z_c^T Z_c per task, feature-major [d+1, d+1, B]. Up to ``_UNROLL_N`` tokens each
+    entry is an unrolled sum of [B] products, all in one fused loop (21 small-axis YNNPACK
+    reductions took 1.3 ms of the d=5, n=20, B=4096 step, the loop 1.0 ms); beyond it one
+    reduction over n per entry pair."""
     features = [x[..., i].T for i in range(x.shape[-1])] + [y.T]  # d+1 x [n, B]
-    dim = len(features)
-    entries = {(i, j): jnp.sum(features[i] * features[j], axis=0) for i in range(dim) for j in range(i, dim)}
+    dim, n = len(features), x.shape[1]
+
+    def entry(a: jax.Array, b: jax.Array) -> jax.Array:
+        return sum(a[t] * b[t] for t in range(n)) if n <= _UNROLL_N else jnp.sum(a * b, axis=0)
+
+    entries = {(i, j): entry(features[i], features[j]) for i in range(dim) for j in range(i, dim)}
     return jnp.stack([jnp.stack([entries[min(i, j), max(i, j)] for j in range(dim)]) for i in range(dim)])
 
 
@@ -252,6 +301,8 @@ def apply(params: Params, x: jax.Array, y: jax.Array, x_query: jax.Array, cfg: C
         zq = jnp.concatenate([x_query, jnp.zeros_like(x_query[:, :1])], axis=-1).T  # [d+1, B]
         for layer in layers[:-1]:
             g, zq = _gram_layer(g, zq, layer, cfg)
+        if len(layers) > 1:  # the readout's products of (G, z_q) and their cotangents computed once
+            g, zq = _materialized(g), _materialized(zq)
         pred = _gram_readout(g, zq, layers[-1], params["h"], cfg)
     else:
         layer_fn = _linear_layer if cfg.attention == "linear" else _softmax_layer
