@@ -48,10 +48,11 @@ yhat = h^T z_q + (1/n) sum_heads u^T G_L a with u = W_V^T h, a = W_K^T W_Q z_q. 
 therefore touches the n tokens once (G_0, O(n (d+1)^2) per task, no gradient needed) and runs
 every layer on (d+1) x (d+1) matrices: O((d+1)^4) per task and layer, independent of n. The
 arrays are feature-major ([d+1, d+1, B]) and the per-task products unrolled over one index with
-a hand-written VJP (``_per_task_matmul``) because XLA:CPU runs batched tiny dots, and the
-reductions autodiff makes of broadcasts, several times slower than fused elementwise loops;
-each product is materialised once (``_barrier``) because XLA:CPU would fuse chains of them and
-recompute every inner product for each element that reads it. docs/BENCHMARKS.md has the numbers. ``apply_naive`` keeps the score-matrix form as the oracle.
+hand-written VJPs (``_per_task_matmul``, ``_gram_step``) because XLA:CPU runs batched tiny
+dots, and the reductions autodiff makes of broadcasts, several times slower than fused
+elementwise loops; each product is materialised once (``_barrier``) because XLA:CPU would fuse
+chains of them and recompute every inner product for each element that reads it.
+docs/BENCHMARKS.md has the numbers. ``apply_naive`` keeps the score-matrix form as the oracle.
 """
 
 from __future__ import annotations
@@ -237,15 +238,45 @@ def _gram(x: jax.Array, y: jax.Array) -> jax.Array:
 def _gram_layer(g: jax.Array, zq: jax.Array, layer: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
     """One residual LSA layer on (G, z_q): R = I + (1/n) sum_h W_Q^T W_K G W_V^T,
     G <- R^T G R, z_q^T <- z_q^T R. g [d+1, d+1, B], zq [d+1, B]."""
-    dim, n = cfg.d + 1, cfg.n
+    dim = cfg.d + 1
     wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
     # M[r, l] = sum_{i, j} T[(r, l), (i, j)] G[i, j] with T = sum_h (W_Q^T W_K)[r, i] W_V[l, j]:
     # one GEMM over the batch, so the weights' gradient is a GEMM too.
     t = jnp.einsum("hkr,hki,hlj->rlij", wq, wk, wv).reshape(dim * dim, dim * dim)
-    r = (t @ g.reshape(dim * dim, -1)).reshape(dim, dim, -1) / n + jnp.eye(dim, dtype=g.dtype)[:, :, None]
-    zq = _per_task_matmul(zq[None], r)[0]
-    g = _per_task_matmul(jnp.swapaxes(r, 0, 1), _per_task_matmul(g, r))
-    return g, zq
+    return _gram_step(g, zq, t / cfg.n)
+
+
+@jax.custom_vjp
+def _gram_step(g: jax.Array, zq: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(G, z_q) -> (R^T G R, z_q^T R) with R = I + reshape(t vec G). Its VJP is written by hand
+    (``_gram_step_bwd``) because G is symmetric: the backward needs three per-task products, not
+    autodiff's four."""
+    return _gram_step_fwd(g, zq, t)[0]
+
+
+def _gram_step_fwd(g: jax.Array, zq: jax.Array, t: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple]:
+    dim = g.shape[0]
+    r = (t @ g.reshape(dim * dim, -1)).reshape(dim, dim, -1) + jnp.eye(dim, dtype=g.dtype)[:, :, None]
+    gr = _barrier(_matmul_unrolled(g, r))
+    out = _barrier(_matmul_unrolled(jnp.swapaxes(r, 0, 1), gr)), _barrier(_matmul_unrolled(zq[None], r)[0])
+    return out, (g, zq, t, r, gr)
+
+
+def _gram_step_bwd(res: tuple, cotangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    # G' = R^T G R with G = G^T: dR = G R (dG' + dG'^T) + z_q dz_q'^T, dG = R dG' R^T + t^T vec dR,
+    # dz_q = dz_q' R^T, dt = vec(dR) vec(G)^T summed over the batch.
+    g, zq, t, r, gr = res
+    dg_out, dzq_out = cotangents
+    dim = g.shape[0]
+    rt = jnp.swapaxes(r, 0, 1)
+    dr = _matmul_unrolled(gr, dg_out + jnp.swapaxes(dg_out, 0, 1)) + zq[:, None] * dzq_out[None]
+    dr = _barrier(dr).reshape(dim * dim, -1)
+    dg = _matmul_unrolled(r, _barrier(_matmul_unrolled(dg_out, rt))) + (t.T @ dr).reshape(dim, dim, -1)
+    dzq = _barrier(_matmul_unrolled(dzq_out[None], rt)[0])
+    return _barrier(dg), dzq, dr @ g.reshape(dim * dim, -1).T
+
+
+_gram_step.defvjp(_gram_step_fwd, _gram_step_bwd)
 
 
 def _gram_readout(g: jax.Array, zq: jax.Array, layer: Params, h: jax.Array, cfg: Config) -> jax.Array:

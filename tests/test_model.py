@@ -85,7 +85,8 @@ def test_training_step_has_no_batched_dot(parameterization):
 @pytest.mark.parametrize("parameterization", ["full", "sparse", "block"])
 def test_training_step_never_chains_per_task_products(parameterization):
     """Each fused loop of the compiled 4-layer training step computes at most one per-task
-    (d+1) x (d+1) product (d+1 multiplies of [d+1, d+1, B] arrays): XLA:CPU would otherwise fuse
+    (d+1) x (d+1) product (d+1 multiplies of [d+1, d+1, B] arrays, one more for a rank-one term
+    added to it): XLA:CPU would otherwise fuse
     chains of them and recompute the inner products for every element that reads them (22
     multiplies in one loop before ``model._barrier``; 3x slower gradient at L=4)."""
     import re
@@ -101,7 +102,7 @@ def test_training_step_never_chains_per_task_products(parameterization):
     dim = cfg.d + 1
     per_fusion = [len(re.findall(rf"= f32\[{dim},{dim},32\]\{{[0-9,]*\}} multiply\(", comp))
                   for comp in re.split(r"\n(?=%|ENTRY)", hlo)]
-    assert max(per_fusion) == dim
+    assert dim <= max(per_fusion) < 2 * dim
 
 
 def test_barrier_is_the_identity():
