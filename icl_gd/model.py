@@ -48,7 +48,7 @@ yhat = h^T z_q + (1/n) sum_heads u^T G_L a with u = W_V^T h, a = W_K^T W_Q z_q. 
 therefore touches the n tokens once (G_0, O(n (d+1)^2) per task, no gradient needed) and runs
 every layer on (d+1) x (d+1) matrices: O((d+1)^4) per task and layer, independent of n. The
 arrays are feature-major ([d+1, d+1, B]) and the per-task products unrolled over one index with
-hand-written VJPs (``_per_task_matmul``, ``_gram_step``) because XLA:CPU runs batched tiny
+a hand-written layer VJP (``_gram_step``) because XLA:CPU runs batched tiny
 dots, and the reductions autodiff makes of broadcasts, several times slower than fused
 elementwise loops; each product is materialised once (``_barrier``) because XLA:CPU would fuse
 chains of them and recompute every inner product for each element that reads it.
@@ -194,27 +194,6 @@ def _materialized(x: jax.Array) -> jax.Array:
 
 
 _materialized.defvjp(lambda x: (_barrier(x), None), lambda _, g: (_barrier(g),))
-
-
-@jax.custom_vjp
-def _per_task_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``_matmul_unrolled`` whose VJP is two more of them (autodiff of the broadcasts would give
-    reductions over the small axes, XLA:CPU's slow path); every product is materialised
-    (``_barrier``), so chained products never recompute each other."""
-    return _barrier(_matmul_unrolled(a, b))
-
-
-def _per_task_matmul_fwd(a: jax.Array, b: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _barrier(_matmul_unrolled(a, b)), (a, b)
-
-
-def _per_task_matmul_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    a, b = res
-    return (_barrier(_matmul_unrolled(g, jnp.swapaxes(b, 0, 1))),
-            _barrier(_matmul_unrolled(jnp.swapaxes(a, 0, 1), g)))
-
-
-_per_task_matmul.defvjp(_per_task_matmul_fwd, _per_task_matmul_bwd)
 
 
 _UNROLL_N = 64  # G_0's sums over the context unrolled up to this n (a YNNPACK reduction above)
