@@ -65,18 +65,22 @@ def test_wide_features_fall_back_to_the_token_path():
                                apply_naive(params, t.x, t.y, t.x_query, cfg=cfg), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("parameterization", ["full", "sparse", "block"])
-def test_training_step_has_no_batched_dot(parameterization):
-    """XLA:CPU runs per-task tiny matmuls (dots with batch dimensions) slowly: the compiled
-    training step of a 3-layer model must have none (its dots are GEMMs over the batch)."""
+def _compiled_step_hlo(cfg: Config) -> str:
+    """The optimised HLO of the training step (two steps per call) as ``train`` compiles it."""
     from icl_gd.keys import run_keys
     from icl_gd.optim import make_optimizer
     from icl_gd.train import init_state, make_train_chunk
 
-    cfg = Config(d=4, n=8, depth=3, batch_size=32, parameterization=parameterization)
     opt = make_optimizer(cfg)
     chunk = jax.jit(make_train_chunk(cfg, opt), static_argnames="length")
-    hlo = chunk.lower(init_state(cfg, opt), distribution(cfg), run_keys(0)["train"], length=2).compile().as_text()
+    return chunk.lower(init_state(cfg, opt), distribution(cfg), run_keys(0)["train"], length=2).compile().as_text()
+
+
+@pytest.mark.parametrize("parameterization", ["full", "sparse", "block"])
+def test_training_step_has_no_batched_dot(parameterization):
+    """XLA:CPU runs per-task tiny matmuls (dots with batch dimensions) slowly: the compiled
+    training step of a 3-layer model must have none (its dots are GEMMs over the batch)."""
+    hlo = _compiled_step_hlo(Config(d=4, n=8, depth=3, batch_size=32, parameterization=parameterization))
     dots = [line for line in hlo.splitlines() if " dot(" in line]
     assert dots, "expected GEMMs in the step"
     assert not [line for line in dots if "lhs_batch_dims" in line]
@@ -85,19 +89,13 @@ def test_training_step_has_no_batched_dot(parameterization):
 def test_training_step_never_chains_per_task_products():
     """Each fused loop of the compiled 4-layer training step computes at most one per-task
     (d+1) x (d+1) product (d+1 multiplies of [d+1, d+1, B] arrays, one more for a rank-one term
-    added to it): XLA:CPU would otherwise fuse
-    chains of them and recompute the inner products for every element that reads them (22
-    multiplies in one loop before ``model._barrier``; 3x slower gradient at L=4)."""
+    added to it): XLA:CPU would otherwise fuse chains of them and recompute the inner products
+    for every element that reads them (22 multiplies in one loop before ``model._barrier``; 3x
+    slower gradient at L=4)."""
     import re
 
-    from icl_gd.keys import run_keys
-    from icl_gd.optim import make_optimizer
-    from icl_gd.train import init_state, make_train_chunk
-
     cfg = Config(d=4, n=8, depth=4, batch_size=32)  # sparse and block run the same layer code
-    opt = make_optimizer(cfg)
-    chunk = jax.jit(make_train_chunk(cfg, opt), static_argnames="length")
-    hlo = chunk.lower(init_state(cfg, opt), distribution(cfg), run_keys(0)["train"], length=2).compile().as_text()
+    hlo = _compiled_step_hlo(cfg)
     dim = cfg.d + 1
     per_fusion = [len(re.findall(rf"= f32\[{dim},{dim},32\]\{{[0-9,]*\}} multiply\(", comp))
                   for comp in re.split(r"\n(?=%|ENTRY)", hlo)]
