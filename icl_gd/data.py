@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from icl_gd.config import Config
+from icl_gd.fusion import barrier
 
 
 class Tasks(NamedTuple):
@@ -197,13 +198,16 @@ def normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     size = int(np.prod(shape))
     if raw is None or not jax.config.jax_threefry_partitionable or size >= 2**32:
         return jax.random.normal(key, shape)
-    counts = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    # Drawn flat (word i is element i in row-major order, as in jax) and materialised before the
+    # reshape: fused into a [.., d] output, the loop runs over a minor axis of d elements that
+    # XLA:CPU does not vectorise (3.2 vs 0.5-1.1 ms for the 107,520 draws of x at B=1024).
+    counts = jax.lax.iota(jnp.uint32, size)
     b0, b1 = _threefry2x32(raw[0], raw[1], jnp.zeros_like(counts), counts)
     bits = ((b0 ^ b1) >> np.uint32(9)) | np.uint32(0x3F800000)
     unit = jax.lax.bitcast_convert_type(bits, jnp.float32) - np.float32(1.0)  # [0, 1)
     lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
     u = jax.lax.max(lo, unit * (np.float32(1.0) - lo) + lo)
-    return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)
+    return barrier(np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)).reshape(shape)
 
 
 def _directions(key: jax.Array, spec: TaskSpec, shape: tuple[int, ...]) -> jax.Array:

@@ -63,9 +63,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import custom_batching
 
 from icl_gd.config import Config
+from icl_gd.fusion import barrier as _barrier
 
 Params = dict[str, Any]  # {'layers': [{'W_K', 'W_Q', 'W_V'}, ...], 'h': [d+1]}
 
@@ -159,32 +159,6 @@ def _matmul_unrolled(a: jax.Array, b: jax.Array) -> jax.Array:
     """Per-task a @ b for feature-major a [I, J, B], b [J, K, B] -> [I, K, B] as J fused
     multiply-adds (no dot, no reduction)."""
     return sum(a[:, j, None, :] * b[None, j, :, :] for j in range(a.shape[1]))
-
-
-def _cpu_barrier(x: jax.Array) -> jax.Array:
-    # A conditional is a fusion boundary, and XLA cannot prove ``x[0] > inf`` false, so the
-    # operand is computed once; the other branch never runs (nothing exceeds inf, NaN included).
-    return jax.lax.cond(x.reshape(-1)[0] > jnp.inf, jnp.zeros_like, lambda a: a, x)
-
-
-@custom_batching.custom_vmap
-def _barrier(x: jax.Array) -> jax.Array:
-    """The identity, computed as a materialised array that XLA:CPU cannot fuse into consumers.
-
-    Why: XLA:CPU duplicates cheap elementwise producers into every consumer fusion, even one
-    that reads each element many times, and it drops ``optimization_barrier``. A chain of k
-    unrolled per-task (d+1) x (d+1) matmuls then costs (d+1)^(k-1) times its arithmetic: the
-    gradient of a 4-layer model fused the layers' backward products into chains and ran 3x
-    slower (docs/BENCHMARKS.md). Other backends fuse with a cost model and get the plain identity.
-    """
-    return jax.lax.platform_dependent(x, cpu=_cpu_barrier, default=lambda a: a)
-
-
-@_barrier.def_vmap
-def _barrier_vmap(axis_size: int, in_batched: list[bool], x: jax.Array) -> tuple[jax.Array, bool]:
-    # Under vmap (sweep members) the barrier stays one conditional on the whole stacked array;
-    # a batched predicate would turn it into a select that XLA fuses away.
-    return _barrier(x), in_batched[0]
 
 
 @jax.custom_vjp
