@@ -17,8 +17,10 @@ Speed: sampling is the floor of every training step, and on CPU JAX lowers the t
 as a rolled loop that XLA cannot fuse (~4x slower than the hash itself). ``normal`` below
 computes the very same bits (the partitionable threefry2x32 of ``jax.random.bits``, unrolled,
 so XLA fuses hash -> uniform -> erfinv into one loop) and the same floats as
-``jax.random.normal``: the sampled tasks are those of the plain ``jax.random`` draws (equal
-bits; the arithmetic after the draws may round differently, at float32 epsilon).
+``jax.random.normal``. Every array is drawn flat and the covariates feature-major
+([d, B (n+1)], mapped by Sigma^1/2 as d unrolled rows) before they become tokens
+[B, n+1, d]: XLA:CPU does not vectorise loops over a minor axis of d elements, and runs the
+[B (n+1), d] @ [d, d] GEMM several times slower than its arithmetic (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -210,33 +212,39 @@ def normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return barrier(np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)).reshape(shape)
 
 
-def _directions(key: jax.Array, spec: TaskSpec, shape: tuple[int, ...]) -> jax.Array:
-    """White covariates z with E[z z^T] = I, in the requested law."""
+def _directions(key: jax.Array, spec: TaskSpec, size: int) -> jax.Array:
+    """``size`` white covariates z with E[z z^T] = I in the requested law, feature-major [d, size]."""
     kz, kr = jax.random.split(key)
     if spec.x_dist == "uniform":
         # i.i.d. coordinates uniform on [-sqrt 3, sqrt 3]: variance 1, E z^4 = 9/5 (Gaussian: 3), not
         # rotation-invariant: the one-layer optimum reads the fourth moments (theory.second_moment).
-        return jax.random.uniform(kz, (*shape, spec.d), minval=-np.sqrt(3.0), maxval=np.sqrt(3.0))
-    z = normal(kz, (*shape, spec.d))
+        return jax.random.uniform(kz, (spec.d, size), minval=-np.sqrt(3.0), maxval=np.sqrt(3.0))
+    z = normal(kz, (spec.d, size))
     if spec.x_dist == "sphere":
         # Uniform on the sphere of radius sqrt(d): E[z z^T] = I.
-        return z * jnp.sqrt(spec.d) / jnp.linalg.norm(z, axis=-1, keepdims=True)
+        return z * jnp.sqrt(spec.d) / jnp.linalg.norm(z, axis=0, keepdims=True)
     if spec.x_dist == "student_t":
         # Multivariate t with nu dof: z / sqrt(chi2_nu / nu) has covariance nu/(nu-2) I,
         # so rescale by sqrt((nu-2)/nu). Rotation-invariant, heavy-tailed radius.
         nu = spec.dof
-        chi2 = 2.0 * jax.random.gamma(kr, nu / 2.0, (*shape, 1))
+        chi2 = 2.0 * jax.random.gamma(kr, nu / 2.0, (1, size))
         return z * jnp.sqrt((nu - 2.0) / chi2)
     return z
 
 
-def _targets(key: jax.Array, spec: TaskSpec, x: jax.Array, w: jax.Array,
+def _combine(m: jax.Array, rows: jax.Array) -> jax.Array:
+    """m^T rows for feature-major rows [d, ...]: sum_i m[i, j] rows[i], unrolled into one
+    elementwise loop (XLA:CPU runs a [B (n+1), d] @ [d, d] GEMM several times slower)."""
+    return jnp.stack([sum(m[i, j] * rows[i] for i in range(m.shape[0])) for j in range(m.shape[1])])
+
+
+def _targets(key: jax.Array, spec: TaskSpec, x: jax.Array, xf: jax.Array, w: jax.Array,
              prior_sqrt: jax.Array) -> jax.Array:
-    """f_w(x) for x [B, N, d], w [B, d] -> [B, N]. Every family is negation-symmetric
-    (w -> -w) when the prior is centred (--prior_mean=0)."""
+    """f_w(x) [B, N] for x [B, N, d] (feature-major too: xf [d, B, N]) and w [B, d]. Every family
+    is negation-symmetric (w -> -w) when the prior is centred (--prior_mean=0)."""
     # Unrolled over the d features: a batched matvec (B tiny dots) or a small reduce is several
     # times slower on XLA:CPU than this one elementwise loop.
-    s = sum(x[..., i] * w[:, None, i] for i in range(spec.d))
+    s = sum(xf[i] * w[:, i, None] for i in range(spec.d))
     if spec.target == "linear":
         return s
     if spec.target == "tanh":
@@ -255,35 +263,41 @@ def _targets(key: jax.Array, spec: TaskSpec, x: jax.Array, w: jax.Array,
     return jnp.sqrt(2.0 / m) * jnp.einsum("bnm,bm->bn", hidden, a)
 
 
-def _unit_noise(key: jax.Array, spec: TaskSpec, x: jax.Array, sigma_sqrt: jax.Array) -> jax.Array:
-    """Label noise of unit variance, [B, n+1], scaled by sigma in ``sample_tasks``.
+def _unit_noise(key: jax.Array, spec: TaskSpec, xf: jax.Array, sigma_sqrt: jax.Array) -> jax.Array:
+    """Label noise of unit variance, [B, n+1] (xf: the covariates feature-major [d, B, n+1]),
+    scaled by sigma in ``sample_tasks``.
 
     gaussian: N(0, 1). laplace: Laplace(0, 1/sqrt(2)) (variance 2 b^2 = 1), heavier tails, same
     variance, independent of x — so the one-layer closed forms, which see the noise only
     through sigma^2, still hold. heteroscedastic: N(0, |x|^2 / tr(Sigma)): E eps^2 = 1 overall,
     but the noise grows with |x|, which the closed forms do not cover.
     """
-    shape = x.shape[:-1]
+    shape = xf.shape[1:]
     if spec.noise_dist == "laplace":
         return jax.random.laplace(key, shape) / jnp.sqrt(2.0)
     z = normal(key, shape)
     if spec.noise_dist == "heteroscedastic":
-        return z * jnp.sqrt(jnp.sum(x**2, axis=-1) / jnp.sum(sigma_sqrt**2))
+        return z * jnp.sqrt(sum(xf[i] ** 2 for i in range(spec.d)) / jnp.sum(sigma_sqrt**2))
     return z
 
 
 def sample_tasks(key: jax.Array, dist: Distribution, spec: TaskSpec, batch: int) -> Tasks:
-    """Draw ``batch`` independent tasks (n context pairs + one query each)."""
+    """Draw ``batch`` independent tasks (n context pairs + one query each).
+
+    The covariates are drawn and mapped by Sigma^1/2 feature-major ([d, B (n+1)] rows, every
+    op an elementwise loop over B (n+1) elements) and only then laid out as tokens [B, n+1, d].
+    """
     chex.assert_shape([dist.sigma_sqrt, dist.prior_sqrt], (spec.d, spec.d))
     kx, kw, kf, ke = jax.random.split(key, 4)
     n = spec.n
-    x = _directions(kx, spec, (batch, n + 1)) @ dist.sigma_sqrt
+    xf = _combine(dist.sigma_sqrt, _directions(kx, spec, batch * (n + 1))).reshape(spec.d, batch, n + 1)
+    x = jnp.transpose(xf, (1, 2, 0))
     w = normal(kw, (batch, spec.d)) @ dist.prior_sqrt + dist.prior_mean
-    y = _targets(kf, spec, x, w, dist.prior_sqrt)
+    y = _targets(kf, spec, x, xf, w, dist.prior_sqrt)
     # sigma = 0 adds exactly 0 * N(0, 1) = 0: skip the draw then (a sixth of the random bits
     # at d=5). Under vmap (sweeps) the cond becomes a select and both sides run: same values.
     y = jax.lax.cond(dist.noise == 0, lambda: y,
-                     lambda: y + dist.noise * _unit_noise(ke, spec, x, dist.sigma_sqrt))
+                     lambda: y + dist.noise * _unit_noise(ke, spec, xf, dist.sigma_sqrt))
     tasks = Tasks(x=x[:, :n], y=y[:, :n], x_query=x[:, n], y_query=y[:, n])
     chex.assert_shape(tasks.x, (batch, n, spec.d))
     chex.assert_shape(tasks.y_query, (batch,))

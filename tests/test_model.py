@@ -53,7 +53,8 @@ def test_gradients_match_naive(parameterization, heads, key_size):
 
         fast, slow = grads(model.apply), grads(model.apply_naive)
         for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
-            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+            # Entries are sums of terms up to max|b| (~1e4 here): float64 rounding is relative to that.
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13 * float(np.max(np.abs(b))))
 
 
 def test_wide_features_fall_back_to_the_token_path():
