@@ -11,7 +11,7 @@ import numpy as np
 
 from icl_gd import theory, watchdog
 from icl_gd.config import Config
-from icl_gd.data import TaskSpec, covariance_matrix, distribution, prior_covariance, sample_tasks
+from icl_gd.data import TaskSpec, covariance_matrix, distribution, prior_covariance
 from icl_gd.keys import eval_chunks, run_keys
 from icl_gd.run import Run
 from icl_gd.theory import baselines, probes
@@ -108,8 +108,7 @@ def analyze_run(run: Run, max_steps: int | None = None, num_tune_tasks: int = 2*
 def _sensitivity_numbers(cfg: Config, params: Any, res: dict, g_star: np.ndarray) -> dict[str, Any]:
     """Cosines of d yhat / d x_q against reference predictors on the first held-out chunk."""
     _, size = eval_chunks(cfg)
-    tasks = sample_tasks(jax.random.fold_in(run_keys(cfg.seed)["eval"], 0), distribution(cfg),
-                         TaskSpec.from_config(cfg), size)
+    tasks = baselines.heldout_chunk(run_keys(cfg.seed)["eval"], 0, distribution(cfg), TaskSpec.from_config(cfg), size)
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     refs = {"one_layer_opt": (theory.one_step_predict, (f32(g_star),))}
     k = cfg.depth

@@ -131,8 +131,9 @@ def _heldout_errors(fns: tuple, args: tuple, key: jax.Array, dist, spec: TaskSpe
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "size"))
-def _heldout_chunk(key: jax.Array, j: jax.Array, dist, spec: TaskSpec, size: int) -> Tasks:
-    """Held-out chunk j, exactly as ``_heldout_errors`` draws it (for the host predictors)."""
+def heldout_chunk(key: jax.Array, j: jax.Array, dist, spec: TaskSpec, size: int) -> Tasks:
+    """Held-out chunk j, exactly as ``_heldout_errors`` draws it (for the host predictors and the probes;
+    compiled once per shape: eager, the unrolled sampler dispatched and compiled op by op, ~3 s a call)."""
     return sample_tasks(jax.random.fold_in(key, j), dist, spec, size)
 
 
@@ -155,7 +156,7 @@ def heldout_squared_errors(cfg: Config, predictors: list[Predictor]) -> dict[str
         with watchdog.stage(f"held-out evaluation ({len(on_host)} NumPy predictors, {num * size} tasks)"):
             parts: dict[str, list[np.ndarray]] = {p.name: [] for p in on_host}
             for j in range(num):
-                tasks = Tasks(*(np.asarray(a, np.float64) for a in _heldout_chunk(key, j, dist, spec, size)))
+                tasks = Tasks(*(np.asarray(a, np.float64) for a in heldout_chunk(key, j, dist, spec, size)))
                 for p in on_host:
                     parts[p.name].append((p.fn(tasks, *p.args) - tasks.y_query) ** 2)
             out.update({name: np.concatenate(v) for name, v in parts.items()})

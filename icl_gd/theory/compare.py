@@ -25,7 +25,7 @@ import numpy as np
 
 from icl_gd import theory
 from icl_gd.config import Config
-from icl_gd.data import TaskSpec, distribution, sample_tasks
+from icl_gd.data import TaskSpec, distribution
 from icl_gd.keys import run_keys
 from icl_gd.model import Params, gd_params
 from icl_gd.theory import baselines, probes
@@ -51,8 +51,8 @@ def _jitted(cfg: Config):
 
 
 def _heldout(cfg: Config, num_tasks: int):
-    return sample_tasks(jax.random.fold_in(run_keys(cfg.seed)["eval"], 7), distribution(cfg), TaskSpec.from_config(cfg),
-                        num_tasks)
+    key, spec = run_keys(cfg.seed)["eval"], TaskSpec.from_config(cfg)
+    return baselines.heldout_chunk(key, 7, distribution(cfg), spec, num_tasks)
 
 
 def compare(cfg: Config, params: Params, num_tasks: int = 2**13, alphas: int = 11,
