@@ -50,6 +50,30 @@ def test_ols_exact_on_noiseless_overdetermined_tasks():
     assert np.abs(w_hat - w).max() > 0.1
 
 
+def test_ols_by_qr_is_the_pseudo_inverse_solution():
+    """n >= d goes through QR: the same least-squares weights as X^+ y, noisy tasks, to float64 precision."""
+    for d, n in ((3, 3), (5, 20)):
+        _, x, y, _ = _tasks(d, n, 1.0, seed=d + n)
+        expected = np.einsum("bdn,bn->bd", np.linalg.pinv(x[:, :n]), y[:, :n])
+        np.testing.assert_allclose(baselines.ols_weights(x[:, :n], y[:, :n]), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_model_predictor_depends_on_the_model_fields_alone():
+    """Runs that differ outside ``MODEL_FIELDS`` share one predictor (one jit key, one compile), and it
+    predicts what ``model.apply`` does with the run's own config."""
+    from icl_gd.model import apply, init_params
+
+    cfg = Config(d=3, n=6, depth=2, parameterization="block", heads=1).validate()
+    other = dataclasses.replace(cfg, covariance="cond", cond=5.0, noise=0.5, lr=0.01, seed=3, steps=7,
+                                batch_size=32, init_scale=0.3, weight_prior="inverse").validate()
+    assert baselines.model_predictor(cfg) is baselines.model_predictor(other)
+    assert baselines.model_predictor(cfg) is not baselines.model_predictor(dataclasses.replace(cfg, depth=3))
+    params = init_params(jax.random.PRNGKey(0), other)
+    tasks, *_ = _tasks(3, 6, 0.5, seed=4)
+    np.testing.assert_array_equal(np.asarray(baselines.model_predictor(cfg)(tasks, params)),
+                                  np.asarray(apply(params, tasks.x, tasks.y, tasks.x_query, other)))
+
+
 @pytest.mark.parametrize("d,n,noise", [(3, 10, 0.5), (4, 2, 0.3), (3, 5, 2.0)])
 def test_ridge_is_the_posterior_mean(d, n, noise):
     a = np.random.default_rng(d + n).standard_normal((d, d))

@@ -59,7 +59,12 @@ def ols_weights(x: Any, y: Any) -> np.ndarray:
     """w = X^+ y (float64, NumPy): least squares for n >= d (exact on noiseless data), the
     minimum-norm interpolant for n < d."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    return np.einsum("bdn,bn->bd", np.linalg.pinv(x), y)
+    if x.shape[-2] < x.shape[-1]:
+        return np.einsum("bdn,bn->bd", np.linalg.pinv(x), y)
+    # n >= d: X has full column rank almost surely; R w = Q^T y is the same least squares, backward
+    # stable like the SVD, and 5x faster batched (the SVDs were ~10% of a reproduction's analysis).
+    q, r = np.linalg.qr(x)
+    return np.linalg.solve(r, np.einsum("bnd,bn->bd", q, y)[..., None])[..., 0]
 
 
 def ols_predict(tasks: Tasks) -> np.ndarray:
@@ -94,9 +99,20 @@ def noiseless_posterior_mean_predict(tasks: Tasks, omega_sqrt: Any) -> np.ndarra
                      noiseless_posterior_mean_weights(tasks.x, tasks.y, omega_sqrt))
 
 
-@functools.lru_cache(maxsize=32)
+# The Config fields ``model.apply`` reads: configs equal on them run the same program.
+MODEL_FIELDS = ("d", "n", "depth", "parameterization", "heads", "key_size", "attention", "tie_weights")
+
+
 def model_predictor(cfg: Config) -> Callable:
-    """The trained model as a predictor (tasks, params) -> yhat; cached so one config is one jit key."""
+    """The trained model as a predictor (tasks, params) -> yhat. One function per model shape
+    (``MODEL_FIELDS``), so every run of one shape shares a jit key: members of a depth ladder or a
+    covariance sweep compile their held-out program once (a compile costs ~2.5 s at d=5)."""
+    return _model_predictor(tuple(getattr(cfg, f) for f in MODEL_FIELDS))
+
+
+@functools.lru_cache(maxsize=32)
+def _model_predictor(fields: tuple) -> Callable:
+    cfg = Config(**dict(zip(MODEL_FIELDS, fields)))
 
     def predict(tasks: Tasks, params: Any) -> jax.Array:
         return apply(params, tasks.x, tasks.y, tasks.x_query, cfg)
