@@ -10,6 +10,7 @@ import pytest
 from icl_gd import model
 from icl_gd.config import Config
 from icl_gd.data import TaskSpec, distribution, sample_tasks
+from icl_gd.fusion import barrier
 from icl_gd.model import gd_params, init_params, masks
 
 # One compile per config instead of eager op-by-op dispatch (Config is hashable).
@@ -91,7 +92,7 @@ def test_training_step_never_chains_per_task_products():
     """Each fused loop of the compiled 4-layer training step computes at most one per-task
     (d+1) x (d+1) product (d+1 multiplies of [d+1, d+1, B] arrays, one more for a rank-one term
     added to it): XLA:CPU would otherwise fuse chains of them and recompute the inner products
-    for every element that reads them (22 multiplies in one loop before ``model._barrier``; 3x
+    for every element that reads them (22 multiplies in one loop before ``fusion.barrier``; 3x
     slower gradient at L=4)."""
     import re
 
@@ -104,13 +105,13 @@ def test_training_step_never_chains_per_task_products():
 
 
 def test_barrier_is_the_identity():
-    """``model._barrier`` (and ``_materialized``, its cotangent too) changes no value: not inf or
+    """``fusion.barrier`` (and ``model._materialized``, its cotangent too) changes no value: not inf or
     NaN in the first entry (the predicate it reads), not under vmap or grad."""
     x = jnp.asarray([[jnp.inf, -1.0], [jnp.nan, 2.0]])
     for first in (jnp.inf, -jnp.inf, jnp.nan, 3.0):
         v = x.at[0, 0].set(first)
-        np.testing.assert_array_equal(jax.jit(model._barrier)(v), v)
-        np.testing.assert_array_equal(jax.jit(jax.vmap(model._barrier))(v), v)
+        np.testing.assert_array_equal(jax.jit(barrier)(v), v)
+        np.testing.assert_array_equal(jax.jit(jax.vmap(barrier))(v), v)
     w = jnp.asarray([[0.5, -1.0], [2.0, 3.0]])
     g = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(model._materialized(a)) * w)))(w)
     np.testing.assert_allclose(g, jnp.cos(w) * w, rtol=1e-6)
