@@ -93,6 +93,23 @@ def test_b_zero_is_gd_polynomial():
     np.testing.assert_allclose(1 - p, lam * q)
 
 
+def test_chunked_objective_is_the_mean_loss_for_any_number_of_spectra():
+    """The fit's objective (full chunks in a scan plus a remainder) equals the mean of ``prompt_losses``,
+    also when the number of spectra is not a multiple of the chunk."""
+    lam = general_form.wishart_eigenvalues(4, 12, 2 * general_form._CHUNK + 37, seed=3)
+    a, c = np.array([-0.6, -1.1]), np.array([0.2, 0.1])
+    with jax.enable_x64(True):
+        for num in (len(lam), general_form._CHUNK, 37):
+            full = num // general_form._CHUNK * general_form._CHUNK
+            v, g = general_form._value_and_grad(
+                jnp.asarray(np.r_[a, c]), jnp.asarray(lam[:full].reshape(-1, general_form._CHUNK, 4)),
+                jnp.asarray(lam[full:num]), jnp.asarray(0.4), jnp.asarray(12.0), 2, True)
+            ref = general_form.prompt_losses(lam[:num], a, c, 12, 0.4).mean()
+            np.testing.assert_allclose(float(v), ref, rtol=1e-12)
+            sample = jnp.asarray(lam[:num])
+            direct = jax.grad(lambda th, lm: jnp.mean(general_form.prompt_losses(lm, th[:2], th[2:], 12, 0.4)))
+            np.testing.assert_allclose(np.asarray(g), np.asarray(direct(jnp.asarray(np.r_[a, c]), sample)), rtol=1e-10)
+
 @pytest.mark.parametrize("noise", [0.0, 0.5])
 def test_one_layer_optimum_is_the_closed_form(noise):
     """L = 1: the family's optimum is one GD step, a_1 = -eta*, loss L* (Mahankali et al. 2023, Thm. 1)."""
