@@ -160,3 +160,20 @@ def test_members_of_one_distribution_share_their_baselines(monkeypatch):
     assert len(calls) == 1 and one["pgd_2"]["loss"] == two["pgd_2"]["loss"]
     baselines.evaluate(dataclasses.replace(base, noise=0.5), 2, num_tune_tasks=256)
     assert len(calls) == 2
+
+
+def test_heldout_programs_are_shared_across_task_laws():
+    """A device predictor compiles once per shape: a second run with another task law (covariance,
+    noise law, weight prior) of the same shapes reuses every program of the first."""
+    base = Config(d=3, n=10, eval_tasks=2048)
+    other = Config(d=3, n=10, eval_tasks=2048, covariance="cond", cond=4.0, noise=0.3, noise_dist="laplace",
+                   weight_prior="inverse")
+    params = gd_params(base, np.eye(3) * 0.5)
+    preds = [baselines.Predictor("zero", baselines.zero_predict),
+             baselines.Predictor("model", baselines.model_predictor(base), (params,))]
+    first = baselines.heldout_squared_errors(base, preds)
+    compiled = baselines._squared_errors._cache_size()
+    second = baselines.heldout_squared_errors(other, preds)
+    assert baselines._squared_errors._cache_size() == compiled
+    assert first["model"].shape == second["model"].shape == (2048,)
+    assert not np.allclose(first["model"], second["model"])

@@ -12,10 +12,10 @@ and the trained model's eval loss differ only by the predictor, never by the sam
   the Gaussian prior N(0, Omega) and Gaussian noise: optimal among all predictors for linear targets.
 * ``ols_predict``: least squares through the pseudo-inverse (minimum-norm when n < d).
 
-Where each predictor runs: the ones built from matrix products (zero, GD/PGD, the model) run in
-one XLA program over the held-out chunks; the two that need LAPACK (OLS's pseudo-inverse, the
-posterior mean's solve) run in NumPy, in float64, on the same tasks copied to the host chunk by
-chunk (``Predictor.on_host``). XLA:CPU programs that mix a LAPACK custom call with the rest of
+Where each predictor runs: the ones built from matrix products (zero, GD/PGD, the model) run as
+XLA programs, one per predictor and shape, on each held-out chunk; the two that need LAPACK (OLS's
+pseudo-inverse, the posterior mean's solve) run in NumPy, in float64, on the same chunk copied to
+the host (``Predictor.on_host``). XLA:CPU programs that mix a LAPACK custom call with the rest of
 the predictor stack can wedge for ever (docs/XLA_CPU_HANG.md); keeping LAPACK out of every XLA
 program removes the trigger, and float64 makes OLS exact to ~1e-12 rather than ~1e-4.
 """
@@ -136,47 +136,44 @@ class Predictor(NamedTuple):
     on_host: bool = False
 
 
-@functools.partial(jax.jit, static_argnames=("fns", "spec", "num", "size"))
-def _heldout_errors(fns: tuple, args: tuple, key: jax.Array, dist, spec: TaskSpec, num: int, size: int) -> jax.Array:
-    def one(j):
-        tasks = sample_tasks(jax.random.fold_in(key, j), dist, spec, size)
-        return jnp.stack([(fn(tasks, *a) - tasks.y_query) ** 2 for fn, a in zip(fns, args)])
-
-    errs = jax.lax.map(one, jnp.arange(num))  # [num, P, size]
-    return jnp.moveaxis(errs, 1, 0).reshape(len(fns), -1)
+@functools.partial(jax.jit, static_argnames="fn")
+def _squared_errors(fn: Callable, tasks: Tasks, args: tuple) -> jax.Array:
+    """Per-task squared query errors of one device predictor on one materialised chunk. Its compile key is
+    (fn, shapes) alone, not the task law: one program per predictor and shape serves every run of the
+    reproduction (one program per run's predictor set, sampler fused in, had cost ~90 compiles, ~3.5 min)."""
+    return (fn(tasks, *args) - tasks.y_query) ** 2
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "size"))
 def heldout_chunk(key: jax.Array, j: jax.Array, dist, spec: TaskSpec, size: int) -> Tasks:
-    """Held-out chunk j, exactly as ``_heldout_errors`` draws it (for the host predictors and the probes;
-    compiled once per shape: eager, the unrolled sampler dispatched and compiled op by op, ~3 s a call)."""
+    """Held-out chunk j: the tasks ``train.make_eval`` scores (compiled once per task shape and law; eager,
+    the unrolled sampler would be dispatched and compiled op by op, ~3 s a call)."""
     return sample_tasks(jax.random.fold_in(key, j), dist, spec, size)
 
 
 def heldout_squared_errors(cfg: Config, predictors: list[Predictor]) -> dict[str, np.ndarray]:
     """Per-task squared query errors of every predictor on the run's held-out tasks.
 
-    Device predictors share one compiled program; host predictors see the same chunks, copied.
+    Each chunk is drawn once (``heldout_chunk``) and scored by every predictor: device predictors in
+    their own small programs (``_squared_errors``, dispatched asynchronously), host predictors on a
+    float64 copy.
     """
     num, size = eval_chunks(cfg)
     key, dist, spec = run_keys(cfg.seed)["eval"], distribution(cfg), TaskSpec.from_config(cfg)
-    on_device = [p for p in predictors if not p.on_host]
+    parts: dict[str, list] = {p.name: [] for p in predictors}
     on_host = [p for p in predictors if p.on_host]
-    out: dict[str, np.ndarray] = {}
-    if on_device:
-        with watchdog.stage(f"held-out evaluation ({len(on_device)} XLA predictors, {num * size} tasks)"):
-            errs = _heldout_errors(tuple(p.fn for p in on_device), tuple(tuple(p.args) for p in on_device),
-                                   key, dist, spec, num, size)
-            out.update(zip((p.name for p in on_device), np.asarray(errs, np.float64)))
-    if on_host:
-        with watchdog.stage(f"held-out evaluation ({len(on_host)} NumPy predictors, {num * size} tasks)"):
-            parts: dict[str, list[np.ndarray]] = {p.name: [] for p in on_host}
-            for j in range(num):
-                tasks = Tasks(*(np.asarray(a, np.float64) for a in heldout_chunk(key, j, dist, spec, size)))
+    kinds = f"{len(predictors) - len(on_host)} XLA and {len(on_host)} NumPy predictors"
+    with watchdog.stage(f"held-out evaluation ({kinds}, {num * size} tasks)"):
+        for j in range(num):
+            tasks = heldout_chunk(key, j, dist, spec, size)
+            for p in predictors:
+                if not p.on_host:
+                    parts[p.name].append(_squared_errors(p.fn, tasks, tuple(p.args)))
+            if on_host:
+                host = Tasks(*(np.asarray(a, np.float64) for a in tasks))
                 for p in on_host:
-                    parts[p.name].append((p.fn(tasks, *p.args) - tasks.y_query) ** 2)
-            out.update({name: np.concatenate(v) for name, v in parts.items()})
-    return {p.name: out[p.name] for p in predictors}
+                    parts[p.name].append((p.fn(host, *p.args) - host.y_query) ** 2)
+    return {name: np.concatenate([np.asarray(e, np.float64) for e in v]) for name, v in parts.items()}
 
 
 def mean_and_stderr(errors: np.ndarray) -> dict[str, float]:
