@@ -147,13 +147,15 @@ class Member:
 class Programs:
     """The jitted chunk and eval of a loop, and its {chunk length: executable} cache (key "eval": the eval's).
 
-    ``stacked``: the programs carry a leading member axis (a vmapped sweep group).
+    ``stacked``: the programs carry a leading member axis (a vmapped sweep group); ``stack_size``: the
+    member count the ``compiled`` executables were built for (0: none yet; a sweep compiles per stack).
     """
 
     chunk: Callable  # (state, dist, train_key, length) -> (state, losses[..., length])
     eval: Callable  # (params, dist, eval_key) -> eval loss (one per member when stacked)
     compiled: dict[int | str, Any]
     stacked: bool = False
+    stack_size: int = 0
 
 
 def chunk_boundary(step: int, cfg: Config, stop: int) -> int:

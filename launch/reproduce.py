@@ -103,7 +103,7 @@ def _fmt(v) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from icl_gd.experiments import EXPERIMENTS, Size, run_experiment
+    from icl_gd.experiments import EXPERIMENTS, Size, compile_ahead, run_experiment
 
     names = list(EXPERIMENTS) if FLAGS.experiment == "all" else [FLAGS.experiment]
     with exit_codes():
@@ -117,16 +117,21 @@ def main(argv: list[str]) -> None:
     size = Size(quick=FLAGS.quick, steps=FLAGS.steps)
     outcomes = []
     t0 = time.perf_counter()
-    for name in names:
-        with exit_codes():  # a non-finite loss or SIGTERM in an experiment's run
-            outcome = run_experiment(name, FLAGS.workdir, size)
-        outcomes.append(outcome)
-        print(f"== {name}: {outcome.claim}")
-        for c in outcome.checks:
-            print(c.line())
-        for row in outcome.numbers if outcome.reported_only else []:
-            print("REPORT " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not isinstance(v, (list, dict))))
-        print(f"figure: {outcome.figure}")
+    ahead = compile_ahead(names, FLAGS.workdir, size)
+    try:
+        for name in names:
+            with exit_codes():  # a non-finite loss or SIGTERM in an experiment's run
+                outcome = run_experiment(name, FLAGS.workdir, size, ahead=ahead)
+            outcomes.append(outcome)
+            print(f"== {name}: {outcome.claim}")
+            for c in outcome.checks:
+                print(c.line())
+            for row in outcome.numbers if outcome.reported_only else []:
+                print("REPORT " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()
+                                            if not isinstance(v, (list, dict))))
+            print(f"figure: {outcome.figure}")
+    finally:
+        ahead.close()
     if FLAGS.experiment == "all" and FLAGS.results_md:
         md_path, json_path = results_paths(FLAGS.quick, FLAGS.results_md, FLAGS.steps, FLAGS.workdir)
         wall = time.perf_counter() - t0

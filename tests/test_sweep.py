@@ -346,3 +346,32 @@ def test_two_concurrent_sweeps_on_one_root_train_each_member_once(tmp_path):
     imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time")}
     assert "icl_gd.sweep.cache" in imported and not {"jax", "orbax.checkpoint"} & imported
     assert _mtimes(str(tmp_path)) == before
+
+
+def test_groups_compile_ahead_of_their_turn(tmp_path):
+    """A Precompiler compiles each group's first chunk and eval before the loop reaches it: the loop then
+    compiles nothing, trains the same params as ``train``, and a group with a checkpoint is not speculated."""
+    from icl_gd.sweep.engine import Precompiler
+
+    members = [base(), dataclasses.replace(base(), depth=2, covariance="cond", cond=10.0)]
+    groups = [(g, str(tmp_path)) for g in sweep.group(members)]
+    ahead = Precompiler(groups, ahead=2)
+    ahead.wait()
+    logs: list[str] = []
+    try:
+        results = sweep.run_sweep(members, str(tmp_path), log=logs.append, ahead=ahead)
+    finally:
+        ahead.close()
+    assert [r.status for r in results] == ["trained"] * 2
+    assert not any(line.startswith("compiled a") for line in logs)
+    for cfg in members:
+        ref = train(cfg, None, log=lambda _: None)
+        for a, b in zip(params_of(os.path.join(str(tmp_path), sweep.member_name(cfg))),
+                        jax.tree.leaves(ref.state.params), strict=True):
+            np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-5)
+    again = Precompiler(groups)
+    again.wait()
+    try:
+        assert [again.take(g, root) for g, root in groups] == [None, None]  # finished: nothing compiled
+    finally:
+        again.close()

@@ -22,15 +22,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from typing import Any
 
 from absl import logging
 
 import icl_gd
 from icl_gd import report, sweep
+from icl_gd.config import Config
 from icl_gd.experiments import ahn, beyond, context, covariates, heads, mahankali, prior, symmetry
 from icl_gd.experiments.base import Experiment, Outcome, Size, train_seconds
 
-__all__ = ["EXPERIMENTS", "Experiment", "Outcome", "Size", "run_experiment"]
+__all__ = ["EXPERIMENTS", "Experiment", "Outcome", "Size", "compile_ahead", "experiment_members", "run_experiment"]
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (*mahankali.EXPERIMENTS, *ahn.EXPERIMENTS,
                                                              *beyond.EXPERIMENTS, *prior.EXPERIMENTS,
@@ -38,14 +40,29 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (*mahankali.EXPERIMENTS
                                                              *symmetry.EXPERIMENTS, *covariates.EXPERIMENTS)}
 
 
-def run_experiment(name: str, root: str, size: Size, log: Callable[[str], None] = logging.info) -> Outcome:
-    """Train (or reuse) the experiment's runs under ``root/name``, analyse, judge and plot."""
+def experiment_members(name: str, size: Size) -> list[Config]:
+    """The configs the experiment trains at this size."""
+    members = EXPERIMENTS[name].members(size)
+    return members[:2] if size.steps else members  # smoke-test size: two members exercise every code path
+
+
+def compile_ahead(names: list[str], root: str, size: Size, log: Callable[[str], None] = logging.info) -> Any:
+    """A ``sweep.engine.Precompiler`` over every training group of these experiments, in order: each
+    group compiles while the previous one trains or the previous experiment is analysed."""
+    from icl_gd.sweep.engine import Precompiler
+
+    return Precompiler([(g, os.path.join(root, name)) for name in names
+                        for g in sweep.group(experiment_members(name, size))], log=log)
+
+
+def run_experiment(name: str, root: str, size: Size, log: Callable[[str], None] = logging.info,
+                   ahead: Any = None) -> Outcome:
+    """Train (or reuse) the experiment's runs under ``root/name``, analyse, judge and plot; ``ahead``: a
+    ``compile_ahead`` Precompiler spanning this and later experiments."""
     exp = EXPERIMENTS[name]
     folder = os.path.join(root, name)
-    members = exp.members(size)
-    if size.steps:  # smoke-test size: two members exercise every code path (plots, depth checks)
-        members = members[:2]
-    sweep.run_sweep(members, folder, log=log)
+    members = experiment_members(name, size)
+    sweep.run_sweep(members, folder, log=log, ahead=ahead)
     summaries = []
     for cfg in members:
         run = icl_gd.load(os.path.join(folder, sweep.member_name(cfg)))

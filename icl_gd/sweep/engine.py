@@ -22,6 +22,7 @@ import functools
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,25 +44,45 @@ from icl_gd.train import (
     Programs,
     SigtermFlag,
     TrainState,
+    chunk_boundary,
     chunk_loop,
     init_state,
     make_eval,
     make_train_chunk,
 )
 
-
 # ---------------------------------------------------------------------------------------
 # Group programs.
 # ---------------------------------------------------------------------------------------
+# The fields only training reads: groups equal on the rest share one held-out evaluation program.
+TRAINING_FIELDS = ("optimizer", "lr", "schedule", "warmup_steps", "weight_decay", "clip_norm", "batch_size", "steps",
+                   "log_every", "checkpoint_every", "keep_checkpoints", "init_scale")
+
+
 def make_group_fns(rep: Config) -> Programs:
-    """vmap the single-run chunk and eval of ``train`` over the member axis (``Programs.stacked``)."""
+    """vmap the single-run chunk and eval of ``train`` over the member axis (``Programs.stacked``).
+
+    The jitted functions are shared by every group with the same ``rep`` (the eval: the same fields
+    outside ``TRAINING_FIELDS``), so JAX's compile cache serves a shape compiled before, e.g. the
+    same model scored in two experiments of a reproduction."""
+    defaults = Config()
+    return Programs(_group_chunk(rep), _group_eval(dataclasses.replace(
+        rep, **{f: getattr(defaults, f) for f in TRAINING_FIELDS})), {}, stacked=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _group_chunk(rep: Config) -> Callable:
     chunk = make_train_chunk(rep, make_optimizer(rep))
 
     def vchunk(state: TrainState, dist: Any, train_key: jax.Array, length: int):
         return jax.vmap(functools.partial(chunk, length=length))(state, dist, train_key)
 
-    return Programs(jax.jit(vchunk, static_argnames="length", donate_argnums=0), jax.jit(jax.vmap(make_eval(rep))),
-                    {}, stacked=True)
+    return jax.jit(vchunk, static_argnames="length", donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _group_eval(key: Config) -> Callable:
+    return jax.jit(jax.vmap(make_eval(key)))
 
 
 @dataclasses.dataclass
@@ -171,34 +192,137 @@ def train_group(members: Sequence[Config], root: str, fns: Programs | None = Non
     return sorted(results, key=lambda r: order.get(id(r.config), 0))
 
 
+def _stacked_inputs(cfgs: Sequence[Config], states: Sequence[TrainState], mesh: jax.sharding.Mesh | None) -> tuple:
+    """(state, distributions, train keys, eval keys) of members stacked on a leading axis, placed on ``mesh``."""
+    keys = [run_keys(c.seed) for c in cfgs]
+    trees = (states, [distribution(c) for c in cfgs], [k["train"] for k in keys], [k["eval"] for k in keys])
+    return tuple(devices.place(devices.stack(t), mesh) for t in trees)
+
+
 def _train_stack(batch: list[tuple[Member, TrainState]], fns: Programs, mesh: jax.sharding.Mesh | None,
                  log: Callable[[str], None], sigterm: SigtermFlag | None = None) -> None:
     """Stack ``batch`` (padded to the mesh size; padding is computed, never saved) and run the loop."""
     members = [m for m, _ in batch]
     size = 1 if mesh is None else mesh.size
     padded = batch + [batch[0]] * ((-len(batch)) % size)
-    keys = [run_keys(m.cfg.seed) for m, _ in padded]
-    state = devices.place(devices.stack([s for _, s in padded]), mesh)
-    dists = devices.place(devices.stack([distribution(m.cfg) for m, _ in padded]), mesh)
-    train_keys = devices.place(devices.stack([k["train"] for k in keys]), mesh)
-    eval_keys = devices.place(devices.stack([k["eval"] for k in keys]), mesh)
-    programs = dataclasses.replace(fns, compiled={})  # executables are per stack size
+    state, dists, train_keys, eval_keys = _stacked_inputs([m.cfg for m, _ in padded], [s for _, s in padded], mesh)
+    # Executables are per stack size: those compiled ahead (``Precompiler``) serve only the stack they were built for.
+    programs = fns if fns.stack_size == len(padded) else dataclasses.replace(fns, compiled={}, stack_size=len(padded))
     chunk_loop(members, state, dists, train_keys, eval_keys, programs, members[0].cfg.steps, sigterm,
                fail_fast=False, log=log)
 
 
+def _compile_ahead(members: Sequence[Config], root: str) -> Programs | None:
+    """The group's programs, compiled for the stack ``train_group`` will train when every member is fresh (no
+    checkpoint): its first chunk and its eval. None when it is not (resumes are compiled by the loop)."""
+    if any(saved_steps(os.path.join(root, member_name(c))) for c in members):
+        return None
+    cfg = members[0]
+    fns = make_group_fns(group_key(cfg))
+    state, dists, train_keys, eval_keys = _stacked_inputs(members, [init_state(c, make_optimizer(c)) for c in members],
+                                                          None)
+    length = chunk_boundary(0, cfg, cfg.steps)
+    chunk = fns.chunk.lower(state, dists, train_keys, length=length).compile()
+    resources.check_compiled(chunk, cfg, len(members))
+    evaluate = fns.eval.lower(state.params, dists, eval_keys).compile()
+    resources.check_compiled(evaluate, cfg, len(members), program="eval")
+    return dataclasses.replace(fns, compiled={length: chunk, "eval": evaluate}, stack_size=len(members))
+
+
+class Precompiler:
+    """Compiles sweep groups' programs ahead of their turn, in one background thread, while earlier
+    groups train or their runs are analysed.
+
+    Why: compiling a group's chunk and eval costs 4-7 s at d=5 (XLA:CPU compiles on ~1.5 cores, the
+    tracing is single-threaded Python), and a paper-scale reproduction compiles ~58 groups; the
+    analysis between experiments leaves cores idle. At most ``ahead`` groups are compiled beyond the
+    one being trained. Speculative and never wrong: only single-device groups whose members are all
+    fresh; a group taken before its turn, or whose compile fails, is compiled by the loop as before.
+    """
+
+    def __init__(self, groups: Sequence[tuple[Sequence[Config], str]], ahead: int = 2,
+                 log: Callable[[str], None] = logging.info):
+        self._jobs = [(list(members), root) for members, root in groups]
+        self._state = ["pending"] * len(self._jobs)  # pending -> running -> done, or pending -> dropped
+        self._out: list[Programs | None] = [None] * len(self._jobs)
+        self._taken, self._ahead, self._stop, self._log = 0, ahead, False, log
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._work, name="icl-gd-precompile", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        for i, (members, root) in enumerate(self._jobs):
+            with self._cv:
+                self._cv.wait_for(lambda: self._stop or self._taken >= i - self._ahead)  # noqa: B023 - i is current
+                if self._stop:
+                    return
+                if self._state[i] != "pending":
+                    continue
+                self._state[i] = "running"
+            out, t0 = None, time.perf_counter()
+            try:
+                out = _compile_ahead(members, root)
+                if out is not None:
+                    self._log(f"compiled {len(members)} member(s) of {root} ahead in {time.perf_counter() - t0:.1f}s")
+            except Exception as e:  # noqa: BLE001 - the loop compiles it again and reports any real error
+                self._log(f"compiling ahead failed ({type(e).__name__}: {e}); the loop compiles that group itself")
+            with self._cv:
+                self._out[i], self._state[i] = out, "done"
+                self._cv.notify_all()
+
+    def take(self, members: Sequence[Config], root: str) -> Programs | None:
+        """The programs compiled ahead for this group (waiting for a compile in progress), else None."""
+        job = (list(members), root)
+        with self._cv:
+            found = [i for i, j in enumerate(self._jobs) if j == job and self._state[i] != "taken"]
+            if not found:
+                return None
+            i = found[0]
+            self._taken = max(self._taken, i + 1)
+            self._cv.notify_all()
+            if self._state[i] == "pending":
+                self._state[i] = "dropped"
+                return None
+            self._cv.wait_for(lambda: self._state[i] == "done")
+            out, self._out[i], self._state[i] = self._out[i], None, "taken"
+            return out
+
+    def wait(self) -> None:
+        """Block until every group the look-ahead allows now has been compiled (or skipped)."""
+        with self._cv:
+            self._cv.wait_for(lambda: all(s != "running" and (s != "pending" or i > self._taken + self._ahead)
+                                          for i, s in enumerate(self._state)))
+
+    def close(self) -> None:
+        """Stop after the compile in progress, if any."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join()
+
+
 def run_sweep(members: Sequence[Config], root: str, mesh: jax.sharding.Mesh | None = None,
-              log: Callable[[str], None] = logging.info) -> list[MemberResult]:
-    """Train every member (grouped by shape) under ``root``; finished members are skipped."""
+              log: Callable[[str], None] = logging.info, ahead: Precompiler | None = None) -> list[MemberResult]:
+    """Train every member (grouped by shape) under ``root``; finished members are skipped. Each
+    group's programs are compiled while the previous one trains (``ahead``, or a ``Precompiler`` of
+    this sweep's own on a single device)."""
     os.makedirs(root, exist_ok=True)
     results: list[MemberResult] = []
     groups = group(members)
     for members_g in groups:  # refuse a group that cannot fit before any group trains
         resources.check_fits(members_g[0], len(members_g), 1 if mesh is None else mesh.size)
-    for gi, members_g in enumerate(groups):
-        rep = group_key(members_g[0])
-        log(f"group {gi + 1}/{len(groups)}: {len(members_g)} members (d={rep.d}, n={rep.n}, depth={rep.depth})")
-        results.extend(train_group(members_g, root, mesh=mesh, log=log))
+    own = None
+    if ahead is None and mesh is None and jax.process_count() == 1 and len(groups) > 1:
+        ahead = own = Precompiler([(g, root) for g in groups], log=log)
+    try:
+        for gi, members_g in enumerate(groups):
+            rep = group_key(members_g[0])
+            log(f"group {gi + 1}/{len(groups)}: {len(members_g)} members (d={rep.d}, n={rep.n}, depth={rep.depth})")
+            fns = ahead.take(members_g, root) if ahead is not None and mesh is None else None
+            results.extend(train_group(members_g, root, fns=fns, mesh=mesh, log=log))
+    finally:
+        if own is not None:
+            own.close()
     return results
 
 
