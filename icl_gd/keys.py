@@ -15,6 +15,9 @@ import jax
 from icl_gd.config import Config
 
 EVAL_CHUNK = 4096  # tasks per held-out chunk; bounds eval memory at large n
+# A training loop keeps its held-out set in memory when it takes at most this many bytes per run
+# (65536 tasks at d=5, n=20: 33 MB); a larger one is drawn again, chunk by chunk, at every evaluation.
+STORED_HELDOUT_BYTES = 2**26
 
 
 def run_keys(seed: int) -> dict[str, jax.Array]:
@@ -34,3 +37,14 @@ def eval_chunks(cfg: Config) -> tuple[int, int]:
     """(number of chunks, tasks per chunk) of the held-out set (eval_tasks rounded up)."""
     size = min(cfg.eval_tasks, EVAL_CHUNK)
     return math.ceil(cfg.eval_tasks / size), size
+
+
+def heldout_bytes(cfg: Config) -> int:
+    """float32 bytes of the whole held-out set: (n+1) (d+1) numbers per task."""
+    num, size = eval_chunks(cfg)
+    return num * size * (cfg.n + 1) * (cfg.d + 1) * 4
+
+
+def heldout_stored(cfg: Config) -> bool:
+    """Does a training loop keep the held-out set of ``cfg`` between evaluations (``STORED_HELDOUT_BYTES``)?"""
+    return heldout_bytes(cfg) <= STORED_HELDOUT_BYTES

@@ -6,7 +6,8 @@ layer ([n+1, relu_width]) and the model's working set kept for the backward pass
 [d+1, d+1] Gram matrices of the linear path (``model._gram_layer``), the token matrices [n+1, d+1]
 of its wide path (d+1 > 17), or the [H, n+1, n] softmax scores per layer (one query row in the
 last). The held-out evaluation runs chunks of ``keys.eval_chunks`` tasks forward only (one layer
-live at a time). It is a lower bound of what XLA allocates (XLA's ``memory_analysis()`` was 1.5 to
+live at a time), over the whole held-out set kept in memory where it is small (``keys.heldout_stored``).
+It is a lower bound of what XLA allocates (XLA's ``memory_analysis()`` was 1.5 to
 4.3 times larger over ten configs: Gram, wide and softmax paths, ReLU targets), so a refused run
 could never have fitted; ``check_compiled`` then compares XLA's own count of each compiled program,
 and ``out_of_memory`` turns an allocation failure that still happens into the same one-line error.
@@ -29,13 +30,16 @@ from icl_gd.errors import ResourceError
 FLOAT_BYTES = 4  # every array of a run is float32
 
 
+def _sampled(cfg: Config) -> int:
+    """Floats per task of drawing it: its tokens and the random ReLU target's hidden layer."""
+    return (cfg.n + 1) * ((cfg.d + 1) + (cfg.relu_width if cfg.target == "relu_net" else 0))
+
+
 def _per_task(cfg: Config, train: bool) -> int:
     """Floats per task of a train step (``train``) or of a forward-only held-out chunk."""
     from icl_gd.model import _GRAM_MAX  # the linear path works on Gram matrices up to this d+1
 
-    tokens = (cfg.n + 1) * (cfg.d + 1)
-    if cfg.target == "relu_net":
-        tokens += (cfg.n + 1) * cfg.relu_width
+    tokens = _sampled(cfg)
     layers = cfg.depth if train else 1  # the backward pass keeps every layer's input; eval one at a time
     if cfg.attention == "softmax":
         full_rows = (cfg.depth - 1) if train else min(cfg.depth - 1, 1)
@@ -54,14 +58,17 @@ def _model_term(cfg: Config) -> str:
 
 
 def estimate(cfg: Config, members: int = 1) -> dict[str, int]:
-    """The bytes a run cannot do without: {'train': one training step, 'eval': one held-out chunk}.
+    """The bytes a run cannot do without: {'train': one training step, 'eval': one held-out chunk, and the
+    whole held-out set where the loop keeps it (``keys.heldout_stored``)}.
 
     ``members``: runs trained together on one device (a vmapped sweep group's share of it).
     """
-    from icl_gd.keys import eval_chunks  # imports JAX only here
+    from icl_gd.keys import eval_chunks, heldout_bytes, heldout_stored  # imports JAX only here
 
-    return {"train": members * cfg.batch_size * _per_task(cfg, train=True) * FLOAT_BYTES,
-            "eval": members * eval_chunks(cfg)[1] * _per_task(cfg, train=False) * FLOAT_BYTES}
+    chunk = eval_chunks(cfg)[1] * _per_task(cfg, train=False) * FLOAT_BYTES
+    if heldout_stored(cfg):  # the whole set, and a chunk's model working set without drawing it
+        chunk = heldout_bytes(cfg) + eval_chunks(cfg)[1] * (_per_task(cfg, train=False) - _sampled(cfg)) * FLOAT_BYTES
+    return {"train": members * cfg.batch_size * _per_task(cfg, train=True) * FLOAT_BYTES, "eval": members * chunk}
 
 
 def _host_available() -> int | None:

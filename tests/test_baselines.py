@@ -15,7 +15,7 @@ from icl_gd.data import Tasks, covariance_matrix, distribution, prior_covariance
 from icl_gd.keys import run_keys
 from icl_gd.model import gd_params
 from icl_gd.theory import baselines
-from icl_gd.train import make_eval
+from icl_gd.train import make_eval, make_heldout
 
 Z = 5.0
 
@@ -107,7 +107,7 @@ def test_evaluate_on_the_heldout_tasks_of_a_run():
     res = baselines.evaluate(cfg, max_steps=2, params=params, gamma_one_layer=g_star, num_tune_tasks=2**14)
     assert set(res) == {"zero", "ols", "bayes", "one_layer_opt", "gd_1", "gd_2", "pgd_1", "pgd_2", "model"}
 
-    eval_loss = float(make_eval(cfg)(params, distribution(cfg), run_keys(cfg.seed)["eval"]))
+    eval_loss = float(make_eval(cfg)(params, make_heldout(cfg)(distribution(cfg), run_keys(cfg.seed)["eval"])))
     np.testing.assert_allclose(res["model"]["loss"], eval_loss, rtol=1e-5)
     np.testing.assert_allclose(res["model"]["loss"], res["one_layer_opt"]["loss"], rtol=1e-4)
 

@@ -346,14 +346,15 @@ def test_memory_estimate_is_below_xla_memory_analysis(fields):
     from icl_gd.data import distribution
     from icl_gd.keys import run_keys
     from icl_gd.optim import make_optimizer
-    from icl_gd.train import init_state, make_eval, make_train_chunk
+    from icl_gd.train import init_state, make_eval, make_heldout, make_train_chunk
 
     cfg = Config(**fields, batch_size=256, eval_tasks=512)
     opt, keys = make_optimizer(cfg), run_keys(0)
     state = init_state(cfg, opt)
     step = jax.jit(make_train_chunk(cfg, opt), static_argnames="length").lower(
         state, distribution(cfg), keys["train"], length=1).compile()
-    held_out = jax.jit(make_eval(cfg)).lower(state.params, distribution(cfg), keys["eval"]).compile()
+    heldout = jax.jit(make_heldout(cfg))(distribution(cfg), keys["eval"])  # kept whole at this size
+    held_out = jax.jit(make_eval(cfg)).lower(state.params, heldout).compile()
     est = resources.estimate(cfg)
     for program, compiled in (("train", step), ("eval", held_out)):
         m = compiled.memory_analysis()

@@ -92,3 +92,23 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         run = icl_gd.load(str(tmp_path), step=step)
         assert run.step == step
         assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves((run.params, run.opt_state)))
+
+
+def test_kept_heldout_set_is_the_drawn_one():
+    """The loop keeps the held-out set when it is small and draws it again chunk by chunk when not: both
+    score the same tasks (those the baselines are scored on), so the eval loss is the same."""
+    from icl_gd.data import distribution
+    from icl_gd.keys import heldout_stored, run_keys
+    from icl_gd.model import init_params
+    from icl_gd.theory import baselines
+    from icl_gd.train import make_eval, make_heldout
+
+    cfg = Config(d=3, n=10, eval_tasks=5000, covariance="cond", cond=5.0, noise=0.3)
+    assert heldout_stored(cfg) and not heldout_stored(dataclasses.replace(cfg, n=4096, eval_tasks=65536))
+    dist, key = distribution(cfg), run_keys(cfg.seed)["eval"]
+    kept = jax.jit(make_heldout(cfg))(dist, key)
+    np.testing.assert_array_equal(kept.x[1], baselines.heldout_chunk(key, 1, dist, baselines.TaskSpec.from_config(cfg),
+                                                                       4096).x)
+    params = init_params(jax.random.PRNGKey(1), cfg)
+    score = jax.jit(make_eval(cfg))
+    np.testing.assert_allclose(float(score(params, kept)), float(score(params, (dist, key))), rtol=1e-6)

@@ -48,6 +48,7 @@ from icl_gd.train import (
     chunk_loop,
     init_state,
     make_eval,
+    make_heldout,
     make_train_chunk,
 )
 
@@ -66,8 +67,8 @@ def make_group_fns(rep: Config) -> Programs:
     outside ``TRAINING_FIELDS``), so JAX's compile cache serves a shape compiled before, e.g. the
     same model scored in two experiments of a reproduction."""
     defaults = Config()
-    return Programs(_group_chunk(rep), _group_eval(dataclasses.replace(
-        rep, **{f: getattr(defaults, f) for f in TRAINING_FIELDS})), {}, stacked=True)
+    key = dataclasses.replace(rep, **{f: getattr(defaults, f) for f in TRAINING_FIELDS})
+    return Programs(_group_chunk(rep), _group_heldout(key), _group_eval(key), {}, stacked=True)
 
 
 @functools.lru_cache(maxsize=64)
@@ -83,6 +84,11 @@ def _group_chunk(rep: Config) -> Callable:
 @functools.lru_cache(maxsize=64)
 def _group_eval(key: Config) -> Callable:
     return jax.jit(jax.vmap(make_eval(key)))
+
+
+@functools.lru_cache(maxsize=64)
+def _group_heldout(key: Config) -> Callable:
+    return jax.jit(jax.vmap(make_heldout(key)))
 
 
 @dataclasses.dataclass
@@ -214,7 +220,7 @@ def _train_stack(batch: list[tuple[Member, TrainState]], fns: Programs, mesh: ja
 
 def _compile_ahead(members: Sequence[Config], root: str) -> Programs | None:
     """The group's programs, compiled for the stack ``train_group`` will train when every member is fresh (no
-    checkpoint): its first chunk and its eval. None when it is not (resumes are compiled by the loop)."""
+    checkpoint): its first chunk, held-out set and eval. None when it is not (resumes are compiled by the loop)."""
     if any(saved_steps(os.path.join(root, member_name(c))) for c in members):
         return None
     cfg = members[0]
@@ -224,9 +230,12 @@ def _compile_ahead(members: Sequence[Config], root: str) -> Programs | None:
     length = chunk_boundary(0, cfg, cfg.steps)
     chunk = fns.chunk.lower(state, dists, train_keys, length=length).compile()
     resources.check_compiled(chunk, cfg, len(members))
-    evaluate = fns.eval.lower(state.params, dists, eval_keys).compile()
+    heldout = fns.heldout.lower(dists, eval_keys).compile()
+    resources.check_compiled(heldout, cfg, len(members), program="eval")
+    evaluate = fns.eval.lower(state.params, jax.eval_shape(fns.heldout, dists, eval_keys)).compile()
     resources.check_compiled(evaluate, cfg, len(members), program="eval")
-    return dataclasses.replace(fns, compiled={length: chunk, "eval": evaluate}, stack_size=len(members))
+    return dataclasses.replace(fns, compiled={length: chunk, "heldout": heldout, "eval": evaluate},
+                               stack_size=len(members))
 
 
 class Precompiler:
