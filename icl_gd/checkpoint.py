@@ -100,8 +100,13 @@ def _ocp():  # noqa: ANN202
 
 def _manager(workdir: str, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
     ocp = _ocp()
+    import jax
+
+    # Saves write in the background on one process; under jax.distributed every process joins each
+    # save's barriers, which orbax's background thread would hold against the training loop.
+    background = not read_only and jax.process_count() == 1
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=False
+        max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=background
     )
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -188,15 +193,22 @@ class Checkpointer:
         self._read_only = read_only
         self.moved = quarantine_unreadable_json(workdir)
         self._mgr = _manager(workdir, keep, read_only)
+        self._pending: str | None = None  # the step folder of the save in flight
 
     def latest_step(self) -> int | None:
+        self.wait()  # a save in flight counts once it is whole
         return self._mgr.latest_step()
 
     def all_steps(self) -> list[int]:
         return list(self._mgr.all_steps())
 
     def save(self, step: int, state: Any, config: Config, metrics: list[dict]) -> None:
+        """Start saving ``state`` (host arrays) at ``step``: orbax writes it in a background thread
+        (~10 ms here instead of ~55 ms at d=5; one process) and the step folder appears only once it is whole. The
+        previous save is finished first, and ``close`` finishes the last, so an error of either
+        surfaces there (a full disk as ``DiskFullError`` naming its step)."""
         ocp = _ocp()
+        self.wait()
         where = os.path.join(self.workdir, "checkpoints", str(step))
         with watchdog.stage(f"saving the step-{step} checkpoint of {self.workdir}"), disk_full(self.workdir, where):
             self._mgr.save(
@@ -207,6 +219,14 @@ class Checkpointer:
                     metrics=ocp.args.JsonSave({"history": metrics}),
                 ),
             )
+        self._pending = where
+
+    def wait(self) -> None:
+        """Finish the save in flight, if any."""
+        if self._pending is None:
+            return
+        where, self._pending = self._pending, None
+        with watchdog.stage(f"finishing the checkpoint {where}"), disk_full(self.workdir, where):
             self._mgr.wait_until_finished()
 
     def restore_config(self, step: int | None = None) -> Config:
@@ -251,7 +271,10 @@ class Checkpointer:
         return out["state"], Config.from_dict(dict(out["config"])), list(out["metrics"]["history"])
 
     def close(self) -> None:
-        self._mgr.close()
+        try:
+            self.wait()
+        finally:
+            self._mgr.close()
 
 
 def write_config(workdir: str, cfg: Config) -> None:
