@@ -55,11 +55,13 @@ class Settings:
     naive_score_bytes: int = 2**27  # cap on one step's naive score matrix B (n+1) n * 4 bytes
     scaling_steps: int = 5
     scaling_repeats: int = 5
+    gemm_size: int = 2048  # the dense GEMM that measures this machine's float32 ceiling
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(batch_size=1024, parameterizations=("full",), steps=10, repeats=3, scaling_ns=(20, 80, 320, 1280),
-                   scaling_tokens=1024 * 21, naive_score_bytes=2**25, scaling_steps=2, scaling_repeats=3)
+                   scaling_tokens=1024 * 21, naive_score_bytes=2**25, scaling_steps=2, scaling_repeats=3,
+                   gemm_size=1024)
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,6 +191,7 @@ def time_train_step(cfg: Config, steps: int, repeats: int, attention: str = "ass
     dist, key = distribution(cfg), run_keys(cfg.seed)["train"]
     with _attention(attention):
         compiled, compile_s = _compile(chunk, state0, dist, key, length=steps)
+        flops = step_flops(chunk, state0, dist, key)
 
     # The step donates its state: each call gets a fresh copy, made outside the clock.
     t = timed(lambda state: compiled(state, dist, key), repeats, lambda: (jax.tree.map(jnp.copy, state0),),
@@ -197,7 +200,7 @@ def time_train_step(cfg: Config, steps: int, repeats: int, attention: str = "ass
     out = {"compile_s": compile_s, "step_s": step_s, "step_cpu_s": t["cpu_median_s"] / steps,
            "steps_per_s": 1.0 / step_s, "task_cpu_us": 1e6 * t["cpu_median_s"] / steps / cfg.batch_size,
            "tasks_per_s": cfg.batch_size / step_s, "task_us": 1e6 * step_s / cfg.batch_size,
-           "all_s": t["all_s"], "memory": _memory_record(compiled)}
+           "all_s": t["all_s"], "memory": _memory_record(compiled), "flops": flops}
     if partner is not None:
         out["partner"] = {k[len("partner_"):]: v for k, v in t.items() if k.startswith("partner_")}
     return out
@@ -222,11 +225,32 @@ def make_floor(cfg: Config) -> Callable:
 
 
 def floor_program(cfg: Config, steps: int) -> tuple[Callable[[], Any], dict[str, Any]]:
-    """The compiled floor as a no-argument call, and its compile time and memory."""
+    """The compiled floor as a no-argument call, and its compile time, memory and FLOPs a step."""
     fn = jax.jit(make_floor(cfg), static_argnames="length")
     dist, key = distribution(cfg), run_keys(cfg.seed)["train"]
     compiled, compile_s = _compile(fn, dist, key, length=steps)
-    return (lambda: compiled(dist, key)), {"compile_s": compile_s, "memory": _memory_record(compiled)}
+    return (lambda: compiled(dist, key)), {"compile_s": compile_s, "memory": _memory_record(compiled),
+                                           "flops": step_flops(fn, dist, key)}
+
+
+def step_flops(fn: Any, *args: Any) -> float | None:
+    """XLA's operation count of ONE scanned step (``length=1``; the HLO cost analysis counts a loop
+    body once whatever its trip count): float and integer ops alike, so the threefry hashing of the
+    floor counts too. None where the backend gives no cost analysis."""
+    try:
+        cost = fn.lower(*args, length=1).cost_analysis()
+    except Exception:  # noqa: BLE001 - an optional figure
+        return None
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+def dense_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's dense float32 rate through XLA: a [size, size] @ [size, size] GEMM, median of
+    ``repeats`` after a warm-up. The ceiling for any op mix; the model's tiny per-task products run below it."""
+    a = jnp.ones((size, size), jnp.float32)
+    fn = jax.jit(lambda x: x @ x)
+    return 2 * size**3 / timed(lambda: fn(a), repeats)["median_s"] / 1e9
 
 
 def _floor_record(cfg: Config, steps: int, median_s: float, cpu_median_s: float, all_s: list[float],
@@ -265,12 +289,23 @@ def throughput(s: Settings, log: Callable[[str], None] = print) -> list[dict[str
                    "steps_per_call": s.steps, "repeats": s.repeats, "step": r, "floor": floor,
                    "step_over_floor": r["step_s"] / floor["step_s"]}
             row["meets_goal"] = row["step_over_floor"] <= STEP_FLOOR_GOAL
+            row.update(roofline(r, floor))
             rows.append(row)
             log(f"L={depth} {par:6s}: {1e3 * r['step_s']:.2f} ms/step  {r['steps_per_s']:.1f} steps/s  "
                 f"{r['tasks_per_s']:.3g} tasks/s  floor {1e3 * floor['step_s']:.2f} ms  "
                 f"step/floor {row['step_over_floor']:.2f}  "
                 f"(compile {r['compile_s']:.2f}s)")
     return rows
+
+
+def roofline(step: dict[str, Any], floor: dict[str, Any]) -> dict[str, float]:
+    """What the model's share of the step (step - floor: forward, backward, Adam) computes and at what
+    rate, beside the rate it would need to meet step/floor <= ``STEP_FLOOR_GOAL`` at this floor."""
+    if step.get("flops") is None or floor.get("flops") is None:
+        return {}
+    model = step["flops"] - floor["flops"]
+    return {"model_mflop": model / 1e6, "model_gflops": model / max(step["step_s"] - floor["step_s"], 1e-9) / 1e9,
+            "goal_gflops": model / ((STEP_FLOOR_GOAL - 1) * floor["step_s"]) / 1e9}
 
 
 def scaling_batch(s: Settings, n: int, attention: str) -> int:
@@ -337,6 +372,8 @@ def run_suite(s: Settings, sweep_vmap_json: str = "", log: Callable[[str], None]
     out: dict[str, Any] = {"settings": dataclasses.asdict(s), "machine": machine_info()}
     log(f"{out['machine']['cpu_model']} x{out['machine']['cpu_count']}, load {out['machine']['load_average_start']}")
     out["throughput"] = throughput(s, log)
+    out["dense_gflops"] = dense_gflops(s.gemm_size)
+    log(f"dense float32 GEMM through XLA: {out['dense_gflops']:.0f} GFLOP/s")
     out["scaling"] = scaling(s, log)
     out["sweep_vmap"] = sweep_vmap(sweep_vmap_json)
     out["side"] = side_results(SIDE_BENCHMARKS if side_json is None else side_json)
@@ -366,6 +403,25 @@ def _devmem(mem: dict[str, Any]) -> str:
     if not dm:
         return "none reported"
     return f"{_mb(dm.get('peak_bytes_in_use', dm.get('bytes_in_use')))} MiB"
+
+
+def roofline_markdown(res: dict[str, Any]) -> list[str]:
+    """The step/floor goal as a compute rate: what the model part does, and what the goal asks of it."""
+    rows = [r for r in res["throughput"] if "model_gflops" in r]
+    if not rows or not res.get("dense_gflops"):
+        return []
+    lines = ["", "### What step/floor <= 1.3 asks of the model", "",
+             "Model = step - floor (forward, backward and Adam, per step of the whole batch), counted by XLA's",
+             "cost analysis of one step and of one floor step. Needed = the model's operations in 0.3 x the floor's",
+             f"time. Ceiling: a dense {res['settings']['gemm_size']}^3 float32 GEMM through XLA on this machine, "
+             f"{res['dense_gflops']:.0f} "
+             "GFLOP/s (the model's per-task 6x6 products cannot beat it).", "",
+             "| L | params | model MFLOP / step | achieved GFLOP/s | needed GFLOP/s | needed / GEMM ceiling |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['depth']} | {r['parameterization']} | {r['model_mflop']:.1f} | {r['model_gflops']:.0f} | "
+                     f"{r['goal_gflops']:.0f} | {r['goal_gflops'] / res['dense_gflops']:.2f} |")
+    return lines
 
 
 def preserved_log(existing: str | None) -> str:
@@ -412,6 +468,7 @@ def to_markdown(res: dict[str, Any], log_text: str = "(no entries yet)") -> str:
                      f"{1e3 * st['step_s']:.2f} | {1e3 * fl['step_s']:.2f} | {r['step_over_floor']:.2f} | "
                      f"{'met' if r['meets_goal'] else 'NOT met'} | {st['step_cpu_s'] / fl['step_cpu_s']:.2f} | "
                      f"{st['compile_s']:.2f} |")
+    lines += roofline_markdown(res)
     lines += [
         "",
         "## Scaling in n: per-task time of the training step (L=1, full)",

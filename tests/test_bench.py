@@ -5,7 +5,8 @@ import json
 from benchmarks import suite as bench
 
 TINY = bench.Settings(d=2, n=4, batch_size=8, depths=(1,), parameterizations=("full",), steps=2, repeats=1,
-                      scaling_ns=(4, 8), scaling_tokens=32, scaling_steps=1, scaling_repeats=1)
+                      scaling_ns=(4, 8), scaling_tokens=32, scaling_steps=1, scaling_repeats=1,
+                      gemm_size=64)
 
 
 def test_suite_writes_json_and_markdown_and_keeps_the_log(tmp_path):
@@ -27,6 +28,7 @@ def test_suite_writes_json_and_markdown_and_keeps_the_log(tmp_path):
         assert r["step"]["steps_per_s"] > 0 and r["floor"]["step_s"] > 0 and r["step_over_floor"] > 0
         assert r["step"]["compile_s"] > 0 and r["step"]["memory"]["peak_rss_mb"] > 0
         assert "temp_size_in_bytes" in r["step"]["memory"]["xla"]
+        assert r["model_mflop"] > 0 and r["model_gflops"] > 0 and r["goal_gflops"] > 0  # the step adds work
     assert [r["n"] for r in data["scaling"]] == [4, 8]
     assert "ratio_to_previous" in data["scaling"][1]["assoc"] and "meets_goal" in data["scaling"][1]
     assert data["sweep_vmap"]["result"]["speedup"] == 3.0
@@ -36,7 +38,8 @@ def test_suite_writes_json_and_markdown_and_keeps_the_log(tmp_path):
                     "## Optimisation log"):
         assert heading in text
     assert "- kept entry" in text and "old" not in text.split("## Machine")[0]
-    assert text.count("| 1 | full |") == 1 and "3.00x" in text
+    assert text.count("| 1 | full |") == 2 and "3.00x" in text  # the throughput and the roofline rows
+    assert "What step/floor <= 1.3 asks of the model" in text and data["dense_gflops"] > 0
 
 
 def test_missing_sweep_json_leaves_a_row_saying_where_it_comes_from(tmp_path):
