@@ -375,3 +375,19 @@ def test_groups_compile_ahead_of_their_turn(tmp_path):
         assert [again.take(g, root) for g, root in groups] == [None, None]  # finished: nothing compiled
     finally:
         again.close()
+
+
+def test_a_group_taken_before_its_turn_is_compiled_by_the_loop(tmp_path):
+    """With no look-ahead only the first group compiles ahead; a later group taken before its turn is
+    dropped (the loop compiles it), and taking it again returns nothing instead of waiting for ever."""
+    from icl_gd.sweep.engine import Precompiler
+
+    groups = [(g, str(tmp_path)) for g in sweep.group([base(), dataclasses.replace(base(), depth=2)])]
+    ahead = Precompiler(groups, ahead=0)
+    try:
+        ahead.wait()
+        assert ahead.take(*groups[1]) is None and ahead.take(*groups[1]) is None
+        first = ahead.take(*groups[0])
+        assert first is not None and first.stack_size == 1 and {"heldout", "eval"} <= set(first.compiled)
+    finally:
+        ahead.close()

@@ -283,7 +283,7 @@ class Precompiler:
         """The programs compiled ahead for this group (waiting for a compile in progress), else None."""
         job = (list(members), root)
         with self._cv:
-            found = [i for i, j in enumerate(self._jobs) if j == job and self._state[i] != "taken"]
+            found = [i for i, j in enumerate(self._jobs) if j == job and self._state[i] not in ("taken", "dropped")]
             if not found:
                 return None
             i = found[0]
