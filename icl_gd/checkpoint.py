@@ -207,8 +207,14 @@ class Checkpointer:
         (~10 ms here instead of ~55 ms at d=5; one process) and the step folder appears only once it is whole. The
         previous save is finished first, and ``close`` finishes the last, so an error of either
         surfaces there (a full disk as ``DiskFullError`` naming its step)."""
+        import jax
+        import numpy as np
+
         ocp = _ocp()
         self.wait()
+        # Copies: the write happens later, while the loop goes on (a host view of a CPU buffer could be
+        # donated to the next compiled call, and the history gets the next records appended).
+        state = jax.tree.map(lambda x: np.array(x, copy=True), state)
         where = os.path.join(self.workdir, "checkpoints", str(step))
         with watchdog.stage(f"saving the step-{step} checkpoint of {self.workdir}"), disk_full(self.workdir, where):
             self._mgr.save(
@@ -216,7 +222,7 @@ class Checkpointer:
                 args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state),
                     config=ocp.args.JsonSave(config.to_dict()),
-                    metrics=ocp.args.JsonSave({"history": metrics}),
+                    metrics=ocp.args.JsonSave({"history": [dict(record) for record in metrics]}),
                 ),
             )
         self._pending = where

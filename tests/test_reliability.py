@@ -494,3 +494,22 @@ def test_full_disk_names_the_path_and_the_kept_checkpoint_then_resumes_exactly(t
     assert [m["step"] for m in icl_gd.load(str(tmp_path)).metrics] == [50, 100, 150, 200]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [50, 100, 150, 200]
+
+
+def test_a_save_keeps_the_history_as_it_was_when_saved(tmp_path):
+    """Saves finish in the background: the records appended (or changed) after ``save`` returns are
+    not in the checkpoint, which holds exactly the history handed to it."""
+    from icl_gd.checkpoint import Checkpointer
+    from icl_gd.train import init_state
+
+    cfg = _cfg()
+    state = jax.tree.map(np.asarray, init_state(cfg))
+    history = [{"step": 50, "train_loss": 1.0}]
+    ckpt = Checkpointer(str(tmp_path), keep=3)
+    ckpt.save(50, state, cfg, history)
+    history.append({"step": 100, "train_loss": 0.5})  # the loop goes on at once
+    history[0]["train_loss"] = 9.0
+    ckpt.close()
+    restored = Checkpointer(str(tmp_path), read_only=True)
+    assert restored.restore(init_state(cfg), 50)[2] == [{"step": 50, "train_loss": 1.0}]
+    restored.close()
