@@ -98,20 +98,24 @@ def make_train_chunk(cfg: Config, optimizer: optax.GradientTransformation) -> Ca
     return chunk
 
 
+def _heldout_chunk(cfg: Config) -> Callable:
+    """chunk(dist, eval_key, j) -> held-out chunk j, drawn from fold_in(eval_key, j)."""
+    spec, (_, size) = TaskSpec.from_config(cfg), eval_chunks(cfg)
+    return lambda dist, eval_key, j: sample_tasks(jax.random.fold_in(eval_key, j), dist, spec, size)
+
+
 def make_heldout(cfg: Config) -> Callable:
     """heldout(dist, eval_key) -> what ``make_eval``'s function scores: the held-out tasks themselves,
     Tasks [chunks, chunk size, ...] (``heldout_stored``), or else (dist, eval_key) to draw them from.
 
-    Chunk j is drawn from fold_in(eval_key, j), so the set is the same on every call. Drawing costs
-    more than scoring it: kept, an evaluation at d=5, n=20 costs 2.7-3.4x less (it had been 11% of
-    a 1-layer run's loop at B=1024)."""
-    spec = TaskSpec.from_config(cfg)
-    num, size = eval_chunks(cfg)
+    The chunks are the same on every call. Drawing costs more than scoring them: kept, an evaluation
+    at d=5, n=20 costs 2.7-3.4x less (it had been 11% of a 1-layer run's loop at B=1024)."""
+    chunk, (num, _) = _heldout_chunk(cfg), eval_chunks(cfg)
 
     def heldout(dist: Distribution, eval_key: jax.Array) -> Any:
         if not heldout_stored(cfg):
             return dist, eval_key
-        return jax.lax.map(lambda j: sample_tasks(jax.random.fold_in(eval_key, j), dist, spec, size), jnp.arange(num))
+        return jax.lax.map(lambda j: chunk(dist, eval_key, j), jnp.arange(num))
 
     return heldout
 
@@ -122,20 +126,24 @@ def make_eval(cfg: Config) -> Callable:
     A set that is not kept is drawn again chunk by chunk (the same chunks), so its memory stays
     bounded at large n.
     """
-    spec = TaskSpec.from_config(cfg)
-    num, size = eval_chunks(cfg)
+    chunk, (num, _) = _heldout_chunk(cfg), eval_chunks(cfg)
 
     def eval_fn(params: Params, heldout: Any) -> jax.Array:
         if isinstance(heldout, Tasks):
             return jnp.mean(jax.lax.map(lambda tasks: task_loss(params, tasks, cfg), heldout))
         dist, eval_key = heldout
-
-        def one(j):
-            return task_loss(params, sample_tasks(jax.random.fold_in(eval_key, j), dist, spec, size), cfg)
-
-        return jnp.mean(jax.lax.map(one, jnp.arange(num)))
+        return jnp.mean(jax.lax.map(lambda j: task_loss(params, chunk(dist, eval_key, j), cfg), jnp.arange(num)))
 
     return eval_fn
+
+
+def compile_checked(fn: Any, cfg: Config, members: int = 1, copies: int = 1, program: str = "train", *args: Any,
+                    **kwargs: Any) -> Any:
+    """``fn.lower(*args, **kwargs).compile()``, refused (``ResourceError``) when XLA's memory analysis
+    exceeds the memory available (``resources.check_compiled``)."""
+    compiled = fn.lower(*args, **kwargs).compile()
+    resources.check_compiled(compiled, cfg, members, copies, program=program)
+    return compiled
 
 
 @functools.lru_cache(maxsize=8)
@@ -225,9 +233,8 @@ def chunk_loop(members: list[Member], state: Any, dists: Any, train_keys: Any, e
                 t0 = time.perf_counter()
                 if cfg0.depth > 16 and not programs.compiled:
                     log(f"compiling {cfg0.depth} unrolled layers (compile time grows with --depth)")
-                compiled = programs.chunk.lower(state, dists, train_keys, length=length).compile()
-                resources.check_compiled(compiled, cfg0, real, copies)  # cached only once it passed
-                programs.compiled[length] = compiled
+                programs.compiled[length] = compile_checked(programs.chunk, cfg0, real, copies, "train", state, dists,
+                                                            train_keys, length=length)  # cached once it passed
                 size = f" for {jax.tree.leaves(train_keys)[0].shape[0]} members" if programs.stacked else ""
                 log(f"compiled a {length}-step call{size} in {time.perf_counter() - t0:.2f}s")
             t0 = time.perf_counter()
@@ -243,14 +250,12 @@ def chunk_loop(members: list[Member], state: Any, dists: Any, train_keys: Any, e
         with watchdog.stage(f"held-out evaluation of {where} at step {nxt}"), resources.out_of_memory(cfg0, real):
             if heldout is None:
                 if "heldout" not in programs.compiled:
-                    compiled = programs.heldout.lower(dists, eval_keys).compile()
-                    resources.check_compiled(compiled, cfg0, real, copies, program="eval")
-                    programs.compiled["heldout"] = compiled
+                    programs.compiled["heldout"] = compile_checked(programs.heldout, cfg0, real, copies, "eval", dists,
+                                                                   eval_keys)
                 heldout = programs.compiled["heldout"](dists, eval_keys)
             if "eval" not in programs.compiled:  # compiled for the params a chunk returns (their sharding)
-                compiled = programs.eval.lower(state.params, heldout).compile()
-                resources.check_compiled(compiled, cfg0, real, copies, program="eval")
-                programs.compiled["eval"] = compiled
+                programs.compiled["eval"] = compile_checked(programs.eval, cfg0, real, copies, "eval", state.params,
+                                                            heldout)
             eval_loss = lift(devices.to_host(programs.compiled["eval"](state.params, heldout)))
         step = nxt
         stopping = devices.agree(sigterm is not None and sigterm.set) and step < stop

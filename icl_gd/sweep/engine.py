@@ -46,6 +46,7 @@ from icl_gd.train import (
     TrainState,
     chunk_boundary,
     chunk_loop,
+    compile_checked,
     init_state,
     make_eval,
     make_heldout,
@@ -228,14 +229,12 @@ def _compile_ahead(members: Sequence[Config], root: str) -> Programs | None:
     state, dists, train_keys, eval_keys = _stacked_inputs(members, [init_state(c, make_optimizer(c)) for c in members],
                                                           None)
     length = chunk_boundary(0, cfg, cfg.steps)
-    chunk = fns.chunk.lower(state, dists, train_keys, length=length).compile()
-    resources.check_compiled(chunk, cfg, len(members))
-    heldout = fns.heldout.lower(dists, eval_keys).compile()
-    resources.check_compiled(heldout, cfg, len(members), program="eval")
-    evaluate = fns.eval.lower(state.params, jax.eval_shape(fns.heldout, dists, eval_keys)).compile()
-    resources.check_compiled(evaluate, cfg, len(members), program="eval")
-    return dataclasses.replace(fns, compiled={length: chunk, "heldout": heldout, "eval": evaluate},
-                               stack_size=len(members))
+    m = len(members)
+    compiled = {length: compile_checked(fns.chunk, cfg, m, 1, "train", state, dists, train_keys, length=length),
+                "heldout": compile_checked(fns.heldout, cfg, m, 1, "eval", dists, eval_keys),
+                "eval": compile_checked(fns.eval, cfg, m, 1, "eval", state.params,
+                                        jax.eval_shape(fns.heldout, dists, eval_keys))}
+    return dataclasses.replace(fns, compiled=compiled, stack_size=m)
 
 
 class Precompiler:
