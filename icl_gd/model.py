@@ -46,13 +46,17 @@ matrix: written for row tokens, every token (the query included) moves by the sa
 so the context's Gram matrix evolves as G_{l+1} = R_l^T G_l R_l and the readout is
 yhat = h^T z_q + (1/n) sum_heads u^T G_L a with u = W_V^T h, a = W_K^T W_Q z_q. ``apply``
 therefore touches the n tokens once (G_0, O(n (d+1)^2) per task, no gradient needed) and runs
-every layer on (d+1) x (d+1) matrices: O((d+1)^4) per task and layer, independent of n. The
-arrays are feature-major ([d+1, d+1, B]) and the per-task products unrolled over one index with
-a hand-written layer VJP (``_gram_step``) because XLA:CPU runs batched tiny
-dots, and the reductions autodiff makes of broadcasts, several times slower than fused
-elementwise loops; each product is materialised once (``_barrier``) because XLA:CPU would fuse
-chains of them and recompute every inner product for each element that reads it.
-docs/BENCHMARKS.md has the numbers. ``apply_naive`` keeps the score-matrix form as the oracle.
+every layer on (d+1) x (d+1) matrices: O((d+1)^3) per task, head and layer, independent of n.
+The layers' arrays are tiled, [B/16, d+1, d+1, 16]: 16 tasks in the minor axis (one AVX-512
+vector, one cache line), so 16 tasks' matrices lie in one 2.3 KB block that a fused loop reads from
+L1, where feature-major [d+1, d+1, B] rows put a product's 12 operand streams 16 KB apart (B=4096)
+(per-task products 3x faster, the L=4 step 23% faster). Each per-task product is unrolled over one
+index (XLA:CPU runs batched tiny dots, and the reductions autodiff makes of broadcasts, several
+times slower than fused elementwise loops), the layer's VJP is written by hand (``_gram_step``),
+and each product is materialised once (``_barrier``) because XLA:CPU would fuse chains of them and
+recompute every inner product for each element that reads it. G_0 and the readout stay
+feature-major, where they are GEMMs over the batch. docs/BENCHMARKS.md has the numbers.
+``apply_naive`` keeps the score-matrix form as the oracle.
 """
 
 from __future__ import annotations
@@ -155,12 +159,6 @@ def tokens(x: jax.Array, y: jax.Array, x_query: jax.Array) -> jax.Array:
 _GRAM_MAX = 17  # the Gram path up to this d+1 (its unrolled loops and (d+1)^4 GEMM grow with d)
 
 
-def _matmul_unrolled(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Per-task a @ b for feature-major a [I, J, B], b [J, K, B] -> [I, K, B] as J fused
-    multiply-adds (no dot, no reduction)."""
-    return sum(a[:, j, None, :] * b[None, j, :, :] for j in range(a.shape[1]))
-
-
 @jax.custom_vjp
 def _materialized(x: jax.Array) -> jax.Array:
     """``_barrier`` on the value and on its cotangent."""
@@ -200,47 +198,89 @@ def _gram(x: jax.Array, y: jax.Array) -> jax.Array:
     return packed[idx].reshape(dim, dim, -1)
 
 
+_TILE = 16  # tasks per tile of the layers' arrays: one AVX-512 vector, one 64-byte cache line
+
+
+def _to_tiles(a: jax.Array) -> jax.Array:
+    """Feature-major [..., B] -> tiled [B/_TILE, ..., _TILE], the batch padded with zero tasks (a zero
+    Gram matrix and query stay zero through every layer)."""
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, (-a.shape[-1]) % _TILE)])
+    a = a.reshape(*a.shape[:-1], -1, _TILE)
+    return _materialized(jnp.moveaxis(a, -2, 0))
+
+
+def _from_tiles(a: jax.Array, batch: int) -> jax.Array:
+    """Tiled [P, ..., _TILE] -> feature-major [..., batch] (the padding tasks dropped)."""
+    return _materialized(jnp.moveaxis(a, 0, -2).reshape(*a.shape[1:-1], -1)[..., :batch])
+
+
+def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Per-task a @ b on tiles, a [P, I, J, T], b [P, J, K, T] -> [P, I, K, T]: J fused
+    multiply-adds per entry (no dot, no reduction)."""
+    return sum(a[:, :, j, None, :] * b[:, None, j, :, :] for j in range(a.shape[2]))
+
+
+def _left(w: jax.Array, a: jax.Array) -> jax.Array:
+    """w @ a per task for a weight matrix w [I, J] shared by all tasks; a [P, J, K, T]."""
+    return sum(w[None, :, j, None, None] * a[:, None, j, :, :] for j in range(a.shape[1]))
+
+
+def _right(a: jax.Array, w: jax.Array) -> jax.Array:
+    """a @ w per task for a shared weight matrix w [J, K]; a [P, I, J, T]."""
+    return sum(a[:, :, j, None, :] * w[None, None, j, :, None] for j in range(a.shape[2]))
+
+
+def _sum_abt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """sum over tasks of a b^T -> [I, K]; a [P, I, J, T], b [P, K, J, T]. The per-task products first
+    (one fused loop), then one reduction: XLA:CPU ran the contraction as a dot 2x slower, after
+    copying both operands into its layout."""
+    prods = sum(a[:, :, None, j, :] * b[:, None, :, j, :] for j in range(a.shape[2]))
+    return jnp.sum(_barrier(prods), axis=(0, 3))
+
+
 def _gram_layer(g: jax.Array, zq: jax.Array, layer: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
-    """One residual LSA layer on (G, z_q): R = I + (1/n) sum_h W_Q^T W_K G W_V^T,
-    G <- R^T G R, z_q^T <- z_q^T R. g [d+1, d+1, B], zq [d+1, B]."""
-    dim = cfg.d + 1
+    """One residual LSA layer on tiled (G, z_q): R = I + (1/n) sum_h W_Q^T W_K G W_V^T,
+    G <- R^T G R, z_q^T <- z_q^T R. g [P, d+1, d+1, T], zq [P, d+1, T]."""
     wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
-    # M[r, l] = sum_{i, j} T[(r, l), (i, j)] G[i, j] with T = sum_h (W_Q^T W_K)[r, i] W_V[l, j]:
-    # one GEMM over the batch, so the weights' gradient is a GEMM too.
-    t = jnp.einsum("hkr,hki,hlj->rlij", wq, wk, wv).reshape(dim * dim, dim * dim)
-    return _gram_step(g, zq, t / cfg.n)
+    return _gram_step(g, zq, jnp.einsum("hkr,hki->hri", wq, wk) / cfg.n, wv)
 
 
 @jax.custom_vjp
-def _gram_step(g: jax.Array, zq: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(G, z_q) -> (R^T G R, z_q^T R) with R = I + reshape(t vec G). Its VJP is written by hand
-    (``_gram_step_bwd``) because G is symmetric: the backward needs three per-task products, not
-    autodiff's four."""
-    return _gram_step_fwd(g, zq, t)[0]
+def _gram_step(g: jax.Array, zq: jax.Array, a: jax.Array, wv: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(G, z_q) -> (R^T G R, z_q^T R) with R = I + sum_h A_h G W_V,h^T, A_h = W_Q,h^T W_K,h / n.
+    Its VJP is written by hand (``_gram_step_bwd``) because G is symmetric: the backward needs
+    three per-task products, not autodiff's four, and no reductions of broadcasts."""
+    return _gram_step_fwd(g, zq, a, wv)[0]
 
 
-def _gram_step_fwd(g: jax.Array, zq: jax.Array, t: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple]:
-    dim = g.shape[0]
-    r = (t @ g.reshape(dim * dim, -1)).reshape(dim, dim, -1) + jnp.eye(dim, dtype=g.dtype)[:, :, None]
-    gr = _barrier(_matmul_unrolled(g, r))
-    out = _barrier(_matmul_unrolled(jnp.swapaxes(r, 0, 1), gr)), _barrier(_matmul_unrolled(zq[None], r)[0])
-    return out, (g, zq, t, r, gr)
+def _gram_step_fwd(g: jax.Array, zq: jax.Array, a: jax.Array, wv: jax.Array) -> tuple[tuple[jax.Array, ...], tuple]:
+    dim = g.shape[1]
+    xs = [_barrier(_left(a[h], g)) for h in range(a.shape[0])]  # X_h = A_h G
+    m = sum(_right(x, wv[h].T) for h, x in enumerate(xs))
+    r = _barrier(m + jnp.eye(dim, dtype=g.dtype)[None, :, :, None])
+    gr = _barrier(_mm(g, r))
+    out = _barrier(_mm(jnp.swapaxes(r, 1, 2), gr)), _barrier(sum(zq[:, j, None, :] * r[:, j] for j in range(dim)))
+    return out, (g, zq, a, wv, xs, r, gr)
 
 
-def _gram_step_bwd(res: tuple, cotangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    # G' = R^T G R with G = G^T: dR = G R (dG' + dG'^T) + z_q dz_q'^T, dG = R dG' R^T + t^T vec dR,
-    # dz_q = dz_q' R^T, dt = vec(dR) vec(G)^T summed over the batch.
-    g, zq, t, r, gr = res
+def _gram_step_bwd(res: tuple, cotangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
+    # G' = R^T G R with G = G^T: dR = G R (dG' + dG'^T) + z_q dz_q'^T, dz_q = R dz_q';
+    # dG = R dG' R^T + sum_h A_h^T dX_h with dX_h = dR W_V,h; dA_h = sum_tasks dX_h G (G symmetric)
+    # and dW_V,h = sum_tasks dR^T X_h.
+    g, zq, a, wv, xs, r, gr = res
     dg_out, dzq_out = cotangents
-    dim = g.shape[0]
-    rt = jnp.swapaxes(r, 0, 1)
-    dr = _matmul_unrolled(gr, dg_out + jnp.swapaxes(dg_out, 0, 1)) + zq[:, None] * dzq_out[None]
-    dr = _barrier(dr).reshape(dim * dim, -1)
-    # GEMM orientations as timed on XLA:CPU: t^T materialised (a transpose folded into the dot
-    # ran 0.14 vs 0.08 ms) and the batch contraction with G as the left operand.
-    dg = _matmul_unrolled(r, _barrier(_matmul_unrolled(dg_out, rt))) + (_barrier(t.T) @ dr).reshape(dim, dim, -1)
-    dzq = _barrier(_matmul_unrolled(dzq_out[None], rt)[0])
-    return _barrier(dg), dzq, (g.reshape(dim * dim, -1) @ dr.T).T
+    dim = g.shape[1]
+    sym = _barrier(dg_out + jnp.swapaxes(dg_out, 1, 2))
+    dr = _barrier(_mm(gr, sym) + zq[:, :, None, :] * dzq_out[:, None, :, :])
+    dg = _mm(r, _barrier(_mm(dg_out, jnp.swapaxes(r, 1, 2))))
+    da, dwv = [], []
+    for h, x in enumerate(xs):
+        dx = _barrier(_right(dr, wv[h]))
+        dg = dg + _left(a[h].T, dx)
+        da.append(_sum_abt(dx, g))
+        dwv.append(_sum_abt(jnp.swapaxes(dr, 1, 2), jnp.swapaxes(x, 1, 2)))
+    dzq = _barrier(sum(r[:, :, j, :] * dzq_out[:, j, None, :] for j in range(dim)))
+    return _barrier(dg), dzq, jnp.stack(da), jnp.stack(dwv)
 
 
 _gram_step.defvjp(_gram_step_fwd, _gram_step_bwd)
@@ -297,10 +337,11 @@ def apply(params: Params, x: jax.Array, y: jax.Array, x_query: jax.Array, cfg: C
     if cfg.attention == "linear" and cfg.d + 1 <= _GRAM_MAX:
         g = _gram(x, y)
         zq = jnp.concatenate([x_query, jnp.zeros_like(x_query[:, :1])], axis=-1).T  # [d+1, B]
-        for layer in layers[:-1]:
-            g, zq = _gram_layer(g, zq, layer, cfg)
-        if len(layers) > 1:  # the readout's products of (G, z_q) and their cotangents computed once
-            g, zq = _materialized(g), _materialized(zq)
+        if len(layers) > 1:  # the layers on tiles; the readout feature-major, its products computed once
+            g, zq = _to_tiles(g), _to_tiles(zq)
+            for layer in layers[:-1]:
+                g, zq = _gram_layer(g, zq, layer, cfg)
+            g, zq = _from_tiles(g, x.shape[0]), _from_tiles(zq, x.shape[0])
         pred = _gram_readout(g, zq, layers[-1], params["h"], cfg)
     else:
         layer_fn = _linear_layer if cfg.attention == "linear" else _softmax_layer
