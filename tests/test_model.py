@@ -37,7 +37,7 @@ def test_associative_matches_naive(parameterization, depth, heads, key_size, tie
     np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("parameterization", ["full", "block"])
+@pytest.mark.parametrize("parameterization", ["full", "sparse", "block"])
 @pytest.mark.parametrize("heads,key_size", [(1, 0), (2, 3)])
 def test_gradients_match_naive(parameterization, heads, key_size):
     """The Gram path's hand-written VJP against autodiff of the score-matrix oracle, in float64:
@@ -64,6 +64,18 @@ def test_gradients_match_naive(parameterization, heads, key_size):
         for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
             # Entries are sums of terms up to max|b| (~1e4 here): float64 rounding is relative to that.
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13 * float(np.max(np.abs(b))))
+
+
+def test_tiles_pad_the_batch_without_mixing_tasks():
+    """The layers work on tiles of ``model._TILE`` tasks; a batch that is not a multiple is padded
+    with zero tasks. Each prediction matches the oracle and does not depend on the rest of the batch."""
+    cfg = Config(d=3, n=5, depth=3, init_scale=0.3)
+    params = init_params(jax.random.PRNGKey(1), cfg)
+    t = _tasks(cfg, batch=model._TILE + 3)
+    whole = apply(params, t.x, t.y, t.x_query, cfg=cfg)
+    np.testing.assert_allclose(whole, apply_naive(params, t.x, t.y, t.x_query, cfg=cfg), rtol=1e-4, atol=1e-5)
+    part = apply(params, t.x[:3], t.y[:3], t.x_query[:3], cfg=cfg)
+    np.testing.assert_allclose(part, whole[:3], rtol=1e-5, atol=1e-6)
 
 
 def test_wide_features_fall_back_to_the_token_path():
