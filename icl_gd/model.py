@@ -54,8 +54,11 @@ L1, where feature-major [d+1, d+1, B] rows put a product's 12 operand streams 16
 index (XLA:CPU runs batched tiny dots, and the reductions autodiff makes of broadcasts, several
 times slower than fused elementwise loops), the layer's VJP is written by hand (``_gram_step``),
 and each product is materialised once (``_barrier``) because XLA:CPU would fuse chains of them and
-recompute every inner product for each element that reads it. G_0 and the readout stay
-feature-major, where they are GEMMs over the batch. docs/BENCHMARKS.md has the numbers.
+recompute every inner product for each element that reads it. With several layers G_0 is
+computed on tiles too (``_gram_tiles``); the readout stays feature-major, where its products are
+GEMMs over the batch. The sparse form never moves an x entry, so its layers reduce to L steps of
+preconditioned GD on G's y column (``_sparse_readout``, O(d^2) per task and layer).
+docs/BENCHMARKS.md has the numbers.
 ``apply_naive`` keeps the score-matrix form as the oracle.
 """
 
@@ -209,6 +212,23 @@ def _to_tiles(a: jax.Array) -> jax.Array:
     return _materialized(jnp.moveaxis(a, -2, 0))
 
 
+def _gram_tiles(x: jax.Array, y: jax.Array) -> jax.Array:
+    """G_0 on tiles, [B/_TILE, d+1, d+1, _TILE], for the layers: the tokens tiled once ([P, n, d+1, T],
+    the batch padded with zero tasks), then one fused loop of n per-task outer products whose
+    operands (a tile's tokens, 7.7 KB at d=5, n=20) stay in L1. Beyond ``_UNROLL_N`` tokens it
+    tiles the feature-major ``_gram``. (d=5, n=20, B=4096: 0.36 ms against 0.52 for ``_gram``,
+    which the layers would then tile as well.)"""
+    if x.shape[1] > _UNROLL_N:
+        return _to_tiles(_gram(x, y))
+
+    def tiled(a: jax.Array) -> jax.Array:  # [B, n, ...] -> [P, n, ..., T]
+        a = jnp.pad(a, [(0, (-a.shape[0]) % _TILE)] + [(0, 0)] * (a.ndim - 1))
+        return _materialized(jnp.moveaxis(a.reshape(-1, _TILE, *a.shape[1:]), 1, -1))
+
+    z = jnp.concatenate([tiled(x), tiled(y)[:, :, None]], axis=2)
+    return _materialized(sum(z[:, t, :, None] * z[:, t, None, :] for t in range(x.shape[1])))
+
+
 def _from_tiles(a: jax.Array, batch: int) -> jax.Array:
     """Tiled [P, ..., _TILE] -> feature-major [..., batch] (the padding tasks dropped)."""
     return _materialized(jnp.moveaxis(a, 0, -2).reshape(*a.shape[1:-1], -1)[..., :batch])
@@ -242,63 +262,7 @@ def _gram_layer(g: jax.Array, zq: jax.Array, layer: Params, cfg: Config) -> tupl
     """One residual LSA layer on tiled (G, z_q): R = I + (1/n) sum_h W_Q^T W_K G W_V^T,
     G <- R^T G R, z_q^T <- z_q^T R. g [P, d+1, d+1, T], zq [P, d+1, T]."""
     wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
-    if cfg.parameterization == "sparse":  # W_V,h = v_h e e^T: R = I + m e^T, m = sum_h v_h A_h G e
-        return _value_y_step(g, zq, jnp.einsum("hkr,hki,h->ri", wq, wk, wv[:, cfg.d, cfg.d]) / cfg.n)
     return _gram_step(g, zq, jnp.einsum("hkr,hki->hri", wq, wk) / cfg.n, wv)
-
-
-def _dot(u: jax.Array, v: jax.Array) -> jax.Array:
-    """u.v per task for tiled vectors [P, I, T] -> [P, T], unrolled over I."""
-    return sum(u[:, i] * v[:, i] for i in range(u.shape[1]))
-
-
-@jax.custom_vjp
-def _value_y_step(g: jax.Array, zq: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``_gram_step`` for a value that maps y to y alone (the sparse form, Ahn et al. 2023, eq. (2)):
-    R = I + m e^T with m = A G e (e = e_{d+1}) moves only the y entries, so with q = G m,
-
-        G <- R^T G R = G + q e^T + e q^T + (m.q) e e^T,    z_q <- z_q + (z_q.m) e,
-
-    O((d+1)^2) per task instead of three (d+1) x (d+1) products."""
-    return _value_y_fwd(g, zq, a)[0]
-
-
-def _value_y_fwd(g: jax.Array, zq: jax.Array, a: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple]:
-    dim = g.shape[1]
-    e = jnp.arange(dim) == dim - 1
-    m = _barrier(_left(a, g[:, :, dim - 1:])[:, :, 0])  # [P, d+1, T]
-    q = _barrier(_mm(g, m[:, :, None])[:, :, 0])
-    mq = _barrier(_dot(m, q))  # a reduce op here became a YNNPACK fusion 5x slower than the unrolled sum
-    g_out = g + q[:, :, None, :] * e[None, None, :, None] + e[None, :, None, None] * q[:, None, :, :] \
-        + (mq[:, None, None, :] * (e[:, None] & e[None, :])[None, :, :, None])
-    zq_out = zq + _dot(zq, m)[:, None, :] * e[None, :, None]
-    return (_barrier(g_out), _barrier(zq_out)), (g, zq, a, m, q)
-
-
-def _value_y_bwd(res: tuple, cotangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
-    # As in ``_gram_step_bwd`` with R = I + m e^T: c = (D + D^T) e for D = dG', w = dz_q'[y];
-    # dm = dR e = G c + c_y q + w z_q; dG = R D R^T + A^T dm e^T
-    #    = D + m D[y, :] + D[:, y] m^T + D_yy m m^T + A^T dm e^T;
-    # dz_q = dz_q' + w m; dA = sum_tasks dm G[:, y]^T.
-    g, zq, a, m, q = res
-    d_out, dzq_out = cotangents
-    dim = g.shape[1]
-    y = dim - 1
-    e = jnp.arange(dim) == y
-    row, col = d_out[:, y, :, :], d_out[:, :, y, :]  # D[y, :], D[:, y]: [P, d+1, T]
-    c = row + col
-    w = dzq_out[:, y, :]
-    dm = _barrier(_mm(g, c[:, :, None])[:, :, 0] + c[:, y, None, :] * q + w[:, None, :] * zq)
-    atdm = _left(a.T, dm[:, :, None])[:, :, 0]
-    dg = d_out + m[:, :, None, :] * row[:, None, :, :] + col[:, :, None, :] * m[:, None, :, :] \
-        + d_out[:, y, y, None, None, :] * m[:, :, None, :] * m[:, None, :, :] \
-        + atdm[:, :, None, :] * e[None, None, :, None]
-    dzq = dzq_out + w[:, None, :] * m
-    da = _sum_abt(dm[:, :, None, :], g[:, :, y:, :])
-    return _barrier(dg), _barrier(dzq), da
-
-
-_value_y_step.defvjp(_value_y_fwd, _value_y_bwd)
 
 
 @jax.custom_vjp
@@ -352,6 +316,71 @@ def _gram_readout(g: jax.Array, zq: jax.Array, layer: Params, h: jax.Array, cfg:
     return h @ zq + jnp.ones((dim * dim,), g.dtype) @ weighted / n
 
 
+@jax.custom_vjp
+def _matvec(a: jax.Array, v: jax.Array) -> jax.Array:
+    """a @ v per task on tiles: v [P, J, T] and a [P, I, J, T] (per task) or [I, J] (shared weights)
+    -> [P, I, T], unrolled over J into one fused loop. Its VJP is unrolled too (autodiff of the
+    broadcasts makes one small reduction per column); a shared a's gradient is ``_sum_abt``."""
+    return _matvec_fwd(a, v)[0]
+
+
+def _matvec_fwd(a: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    a4 = a if a.ndim == 4 else a[None, :, :, None]
+    return _barrier(sum(a4[:, :, j] * v[:, None, j] for j in range(v.shape[1]))), (a, v)
+
+
+def _matvec_bwd(res: tuple[jax.Array, jax.Array], dout: jax.Array) -> tuple[jax.Array, jax.Array]:
+    a, v = res
+    a4 = a if a.ndim == 4 else a[None, :, :, None]
+    dv = _barrier(sum(a4[:, i] * dout[:, i, None] for i in range(dout.shape[1])))
+    if a.ndim == 4:
+        return dout[:, :, None] * v[:, None], dv
+    return _sum_abt(dout[:, :, None], v[:, :, None]), dv
+
+
+_matvec.defvjp(_matvec_fwd, _matvec_bwd)
+
+
+def _gram_apply(g: jax.Array, x_query: jax.Array, layers: list[Params], h: jax.Array, cfg: Config) -> jax.Array:
+    """yhat [B] from G_0 (tiled by ``_gram_tiles`` when there are several layers, else feature-major
+    [d+1, d+1, B]) and x_query [B, d]: the non-final layers on tiles, the last one's query row
+    feature-major (``_gram_readout``, its products computed once)."""
+    zq = jnp.concatenate([x_query, jnp.zeros_like(x_query[:, :1])], axis=-1).T  # [d+1, B]
+    if len(layers) > 1:
+        zq = _to_tiles(zq)
+        for layer in layers[:-1]:
+            g, zq = _gram_layer(g, zq, layer, cfg)
+        g, zq = _from_tiles(g, x_query.shape[0]), _from_tiles(zq, x_query.shape[0])
+    return _gram_readout(g, zq, layers[-1], h, cfg)
+
+
+def _sparse_readout(g: jax.Array, x_query: jax.Array, layers: list[Params], h: jax.Array, cfg: Config) -> jax.Array:
+    """yhat [B] of the sparse form from G_0 (as in ``_gram_apply``) and x_query [B, d]: its L layers are L
+    steps of preconditioned GD (Ahn et al. 2023, Lemma 1). Its keys and queries read x alone and
+    its value maps y to y alone, so R_l = I + m_l e^T with m_l = A_l G_l e and A_l = sum_h v_h
+    W_Q,h^T W_K,h / n nonzero in the x block only: no layer moves an x entry, G_xx = X^T X stays
+    put, and only the y column g = G[:d, d] and the query's y move,
+
+        m_l = A_l g_l,   g_{l+1} = g_l + G_xx m_l,   y_q <- y_q + x_q . m_l,
+
+    (the x block of G_{l+1} = G_l + q e^T + e q^T + (m.q) e e^T with q = G_l m_l; G's yy entry
+    feeds nothing). O(d^2) per task and layer, on tiles like ``_gram_step``."""
+    d, batch = cfg.d, x_query.shape[0]
+    if len(layers) > 1:  # g tiled: [P, d+1, d+1, T]
+        gxx, gy, xq, from_tiles = g[:, :d, :d], g[:, :d, d], _to_tiles(x_query.T), _from_tiles
+    else:  # one layer needs no per-task product: g feature-major, the batch as one tile
+        gxx, gy, xq, from_tiles = None, g[None, :d, d], x_query.T[None], lambda a, _: a[0]
+    yq = jnp.zeros_like(gy[:, 0])
+    for i, layer in enumerate(layers):
+        wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
+        m = _matvec(jnp.einsum("hkr,hki,h->ri", wq[..., :d], wk[..., :d], wv[:, d, d]) / cfg.n, gy)
+        yq = yq + sum(xq[:, j] * m[:, j] for j in range(d))
+        if i < len(layers) - 1:
+            gy = gy + _matvec(gxx, m)
+    pred = sum(h[j] * xq[:, j] for j in range(d)) + h[d] * yq  # [P, T]
+    return from_tiles(pred[:, None], batch)[0]
+
+
 def _linear_layer(z: jax.Array, layer: Params, cfg: Config, query_only: bool) -> jax.Array:
     """One residual LSA layer on the tokens, z [B, n+1, d+1] (the path for d+1 > _GRAM_MAX)."""
     n = cfg.n
@@ -390,14 +419,9 @@ def apply(params: Params, x: jax.Array, y: jax.Array, x_query: jax.Array, cfg: C
     params = effective_params(params, cfg)
     layers = _layers(params, cfg)
     if cfg.attention == "linear" and cfg.d + 1 <= _GRAM_MAX:
-        g = _gram(x, y)
-        zq = jnp.concatenate([x_query, jnp.zeros_like(x_query[:, :1])], axis=-1).T  # [d+1, B]
-        if len(layers) > 1:  # the layers on tiles; the readout feature-major, its products computed once
-            g, zq = _to_tiles(g), _to_tiles(zq)
-            for layer in layers[:-1]:
-                g, zq = _gram_layer(g, zq, layer, cfg)
-            g, zq = _from_tiles(g, x.shape[0]), _from_tiles(zq, x.shape[0])
-        pred = _gram_readout(g, zq, layers[-1], params["h"], cfg)
+        g = _gram(x, y) if len(layers) == 1 else _gram_tiles(x, y)  # the layers run on tiles
+        readout = _sparse_readout if cfg.parameterization == "sparse" else _gram_apply
+        pred = readout(g, x_query, layers, params["h"], cfg)
     else:
         layer_fn = _linear_layer if cfg.attention == "linear" else _softmax_layer
         z = tokens(x, y, x_query)
