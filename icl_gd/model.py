@@ -305,17 +305,6 @@ def _gram_step_bwd(res: tuple, cotangents: tuple[jax.Array, jax.Array]) -> tuple
 _gram_step.defvjp(_gram_step_fwd, _gram_step_bwd)
 
 
-def _gram_readout(g: jax.Array, zq: jax.Array, layer: Params, h: jax.Array, cfg: Config) -> jax.Array:
-    """yhat [B] = h^T z_q + (1/n) sum_h u_h^T G a_h, u_h = W_V^T h, a_h = W_K^T W_Q z_q: the last
-    layer's query row read out through h (the context rows after it are never needed)."""
-    dim, n = cfg.d + 1, cfg.n
-    wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
-    # coef[(i, j), r] = sum_h u_h[i] (W_K^T W_Q)_h[j, r]: yhat = h.zq + (1/n) sum_ij G_ij (coef zq)_ij
-    coef = jnp.einsum("hli,l,hkj,hkr->ijr", wv, h, wk, wq).reshape(dim * dim, dim)
-    weighted = g.reshape(dim * dim, -1) * (coef @ zq)
-    return h @ zq + jnp.ones((dim * dim,), g.dtype) @ weighted / n
-
-
 @jax.custom_vjp
 def _matvec(a: jax.Array, v: jax.Array) -> jax.Array:
     """a @ v per task on tiles: v [P, J, T] and a [P, I, J, T] (per task) or [I, J] (shared weights)
@@ -335,27 +324,36 @@ def _matvec_bwd(res: tuple[jax.Array, jax.Array], dout: jax.Array) -> tuple[jax.
     dv = _barrier(sum(a4[:, i] * dout[:, i, None] for i in range(dout.shape[1])))
     if a.ndim == 4:
         return dout[:, :, None] * v[:, None], dv
-    return _sum_abt(dout[:, :, None], v[:, :, None]), dv
+    return jnp.einsum("pit,pjt->ij", dout, v), dv
 
 
 _matvec.defvjp(_matvec_fwd, _matvec_bwd)
 
 
+def _gram_readout(g: jax.Array, zq: jax.Array, layer: Params, h: jax.Array, cfg: Config) -> jax.Array:
+    """yhat [B] = h^T z_q + (1/n) sum_h u_h^T G a_h, u_h = W_V^T h, a_h = W_K^T W_Q z_q: the last
+    layer's query row read out through h (the context rows after it are never needed)."""
+    dim, n = cfg.d + 1, cfg.n
+    wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
+    # coef[(i, j), r] = sum_h u_h[i] (W_K^T W_Q)_h[j, r]: yhat = h.zq + (1/n) sum_ij G_ij (coef zq)_ij
+    coef = jnp.einsum("hli,l,hkj,hkr->ijr", wv, h, wk, wq).reshape(dim * dim, dim)
+    weighted = g.reshape(dim * dim, -1) * (coef @ zq)
+    return h @ zq + jnp.ones((dim * dim,), g.dtype) @ weighted / n
+
+
 def _gram_apply(g: jax.Array, x_query: jax.Array, layers: list[Params], h: jax.Array, cfg: Config) -> jax.Array:
-    """yhat [B] from G_0 (tiled by ``_gram_tiles`` when there are several layers, else feature-major
-    [d+1, d+1, B]) and x_query [B, d]: the non-final layers on tiles, the last one's query row
-    feature-major (``_gram_readout``, its products computed once)."""
-    zq = jnp.concatenate([x_query, jnp.zeros_like(x_query[:, :1])], axis=-1).T  # [d+1, B]
-    if len(layers) > 1:
-        zq = _to_tiles(zq)
-        for layer in layers[:-1]:
-            g, zq = _gram_layer(g, zq, layer, cfg)
-        g, zq = _from_tiles(g, x_query.shape[0]), _from_tiles(zq, x_query.shape[0])
-    return _gram_readout(g, zq, layers[-1], h, cfg)
+    """yhat [B] from the tiled G_0 [P, d+1, d+1, T] and x_query [B, d]: the non-final layers on
+    tiles, the last one's query row feature-major (``_gram_readout``: its products are GEMMs over
+    the batch, 0.1 ms faster at d=5, n=20, B=4096 than on tiles even after the untiling)."""
+    zq = _to_tiles(jnp.concatenate([x_query, jnp.zeros_like(x_query[:, :1])], axis=-1).T)  # [P, d+1, T]
+    for layer in layers[:-1]:
+        g, zq = _gram_layer(g, zq, layer, cfg)
+    batch = x_query.shape[0]
+    return _gram_readout(_from_tiles(g, batch), _from_tiles(zq, batch), layers[-1], h, cfg)
 
 
 def _sparse_readout(g: jax.Array, x_query: jax.Array, layers: list[Params], h: jax.Array, cfg: Config) -> jax.Array:
-    """yhat [B] of the sparse form from G_0 (as in ``_gram_apply``) and x_query [B, d]: its L layers are L
+    """yhat [B] of the sparse form from the tiled G_0 and x_query [B, d]: its L layers are L
     steps of preconditioned GD (Ahn et al. 2023, Lemma 1). Its keys and queries read x alone and
     its value maps y to y alone, so R_l = I + m_l e^T with m_l = A_l G_l e and A_l = sum_h v_h
     W_Q,h^T W_K,h / n nonzero in the x block only: no layer moves an x entry, G_xx = X^T X stays
@@ -365,11 +363,8 @@ def _sparse_readout(g: jax.Array, x_query: jax.Array, layers: list[Params], h: j
 
     (the x block of G_{l+1} = G_l + q e^T + e q^T + (m.q) e e^T with q = G_l m_l; G's yy entry
     feeds nothing). O(d^2) per task and layer, on tiles like ``_gram_step``."""
-    d, batch = cfg.d, x_query.shape[0]
-    if len(layers) > 1:  # g tiled: [P, d+1, d+1, T]
-        gxx, gy, xq, from_tiles = g[:, :d, :d], g[:, :d, d], _to_tiles(x_query.T), _from_tiles
-    else:  # one layer needs no per-task product: g feature-major, the batch as one tile
-        gxx, gy, xq, from_tiles = None, g[None, :d, d], x_query.T[None], lambda a, _: a[0]
+    d = cfg.d
+    gxx, gy, xq = g[:, :d, :d], g[:, :d, d], _to_tiles(x_query.T)
     yq = jnp.zeros_like(gy[:, 0])
     for i, layer in enumerate(layers):
         wk, wq, wv = (_per_head(layer[k], cfg) for k in ("W_K", "W_Q", "W_V"))
@@ -378,7 +373,7 @@ def _sparse_readout(g: jax.Array, x_query: jax.Array, layers: list[Params], h: j
         if i < len(layers) - 1:
             gy = gy + _matvec(gxx, m)
     pred = sum(h[j] * xq[:, j] for j in range(d)) + h[d] * yq  # [P, T]
-    return from_tiles(pred[:, None], batch)[0]
+    return _from_tiles(pred[:, None], x_query.shape[0])[0]
 
 
 def _linear_layer(z: jax.Array, layer: Params, cfg: Config, query_only: bool) -> jax.Array:
@@ -419,9 +414,8 @@ def apply(params: Params, x: jax.Array, y: jax.Array, x_query: jax.Array, cfg: C
     params = effective_params(params, cfg)
     layers = _layers(params, cfg)
     if cfg.attention == "linear" and cfg.d + 1 <= _GRAM_MAX:
-        g = _gram(x, y) if len(layers) == 1 else _gram_tiles(x, y)  # the layers run on tiles
         readout = _sparse_readout if cfg.parameterization == "sparse" else _gram_apply
-        pred = readout(g, x_query, layers, params["h"], cfg)
+        pred = readout(_gram_tiles(x, y), x_query, layers, params["h"], cfg)
     else:
         layer_fn = _linear_layer if cfg.attention == "linear" else _softmax_layer
         z = tokens(x, y, x_query)
