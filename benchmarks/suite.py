@@ -287,7 +287,10 @@ def throughput(s: Settings, log: Callable[[str], None] = print) -> list[dict[str
             floor = _floor_record(cfg, s.steps, p["median_s"], p["cpu_median_s"], p["all_s"], floor_info)
             row = {"depth": depth, "parameterization": par, "d": s.d, "n": s.n, "batch_size": s.batch_size,
                    "steps_per_call": s.steps, "repeats": s.repeats, "step": r, "floor": floor,
-                   "step_over_floor": r["step_s"] / floor["step_s"]}
+                   "step_over_floor": r["step_s"] / floor["step_s"],
+                   # The fastest call of each: other processes on the cores can slow a call, never
+                   # speed it up, so this ratio is the least disturbed by a noisy machine.
+                   "step_over_floor_fastest": min(r["all_s"]) / min(floor["all_s"])}
             row["meets_goal"] = row["step_over_floor"] <= STEP_FLOOR_GOAL
             row.update(roofline(r, floor))
             rows.append(row)
@@ -456,18 +459,19 @@ def to_markdown(res: dict[str, Any], log_text: str = "(no entries yet)") -> str:
         "+ Adam update) scanned and jitted with donated state, as `train.train` runs it. Floor = sampling",
         "the same batch alone in the same kind of scan, timed interleaved with each step (call by call),",
         f"so both halves of the ratio see the same load. Goal: step/floor <= {STEP_FLOOR_GOAL} (wall time; the",
-        "CPU-seconds ratio, all threads of the process, is less disturbed by other processes on the cores).",
+        "CPU-seconds ratio, all threads of the process, is less disturbed by other processes on the cores;",
+        "so is the ratio of the fastest calls, since load can slow a call but never speed it up).",
         "",
         "| L | params | steps/s | tasks/s | step ms | floor ms | step/floor | goal | step/floor (CPU s) "
-        "| compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| step/floor (fastest calls) | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["throughput"]:
         st, fl = r["step"], r["floor"]
         lines.append(f"| {r['depth']} | {r['parameterization']} | {st['steps_per_s']:.1f} | {st['tasks_per_s']:.3g} | "
                      f"{1e3 * st['step_s']:.2f} | {1e3 * fl['step_s']:.2f} | {r['step_over_floor']:.2f} | "
                      f"{'met' if r['meets_goal'] else 'NOT met'} | {st['step_cpu_s'] / fl['step_cpu_s']:.2f} | "
-                     f"{st['compile_s']:.2f} |")
+                     f"{r['step_over_floor_fastest']:.2f} | {st['compile_s']:.2f} |")
     lines += roofline_markdown(res)
     lines += [
         "",

@@ -26,6 +26,7 @@ def test_suite_writes_json_and_markdown_and_keeps_the_log(tmp_path):
     assert [(r["depth"], r["parameterization"]) for r in data["throughput"]] == [(1, "full")]
     for r in data["throughput"]:
         assert r["step"]["steps_per_s"] > 0 and r["floor"]["step_s"] > 0 and r["step_over_floor"] > 0
+        assert r["step_over_floor_fastest"] == min(r["step"]["all_s"]) / min(r["floor"]["all_s"])
         assert r["step"]["compile_s"] > 0 and r["step"]["memory"]["peak_rss_mb"] > 0
         assert "temp_size_in_bytes" in r["step"]["memory"]["xla"]
         assert r["model_mflop"] > 0 and r["model_gflops"] > 0 and r["goal_gflops"] > 0  # the step adds work
