@@ -116,7 +116,9 @@ def test_training_step_never_chains_per_task_products():
     loop before ``fusion.barrier``, and a 3x slower gradient at L=4)."""
     import re
 
-    cfg = Config(d=4, n=8, depth=4, batch_size=32)  # sparse and block run the same layer code
+    # Block runs the same layer code. G_0's loop (``_gram_tiles``) makes n outer products of the
+    # same shape: n=8 keeps it under the bound.
+    cfg = Config(d=4, n=8, depth=4, batch_size=32)
     hlo = _compiled_step_hlo(cfg)
     dim, tiles = cfg.d + 1, cfg.batch_size // model._TILE
     per_fusion = [len(re.findall(rf"= f32\[{tiles},{dim},{dim},{model._TILE}\]\{{[0-9,]*\}} multiply\(", comp))
