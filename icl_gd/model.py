@@ -57,7 +57,7 @@ and each product is materialised once (``_barrier``) because XLA:CPU would fuse 
 recompute every inner product for each element that reads it. With several layers G_0 is
 computed on tiles too (``_gram_tiles``); the readout stays feature-major, where its products are
 GEMMs over the batch. The sparse form never moves an x entry, so its layers reduce to L steps of
-preconditioned GD on G's y column (``_sparse_readout``, O(d^2) per task and layer).
+preconditioned GD on G's y column (``_sparse_apply``, O(d^2) per task and layer).
 docs/BENCHMARKS.md has the numbers.
 ``apply_naive`` keeps the score-matrix form as the oracle.
 """
@@ -310,7 +310,8 @@ _gram_step.defvjp(_gram_step_fwd, _gram_step_bwd)
 def _matvec(a: jax.Array, v: jax.Array) -> jax.Array:
     """a @ v per task on tiles: v [P, J, T] and a [P, I, J, T] (per task) or [I, J] (shared weights)
     -> [P, I, T], unrolled over J into one fused loop. Its VJP is unrolled too (autodiff of the
-    broadcasts makes one small reduction per column); a shared a's gradient is ``_sum_abt``."""
+    broadcasts makes one small reduction per column); a shared a's gradient is one contraction
+    over (tile, task)."""
     return _matvec_fwd(a, v)[0]
 
 
@@ -353,7 +354,7 @@ def _gram_apply(g: jax.Array, x_query: jax.Array, layers: list[Params], h: jax.A
     return _gram_readout(_from_tiles(g, batch), _from_tiles(zq, batch), layers[-1], h, cfg)
 
 
-def _sparse_readout(g: jax.Array, x_query: jax.Array, layers: list[Params], h: jax.Array, cfg: Config) -> jax.Array:
+def _sparse_apply(g: jax.Array, x_query: jax.Array, layers: list[Params], h: jax.Array, cfg: Config) -> jax.Array:
     """yhat [B] of the sparse form from the tiled G_0 and x_query [B, d]: its L layers are L
     steps of preconditioned GD (Ahn et al. 2023, Lemma 1). Its keys and queries read x alone and
     its value maps y to y alone, so R_l = I + m_l e^T with m_l = A_l G_l e and A_l = sum_h v_h
@@ -415,8 +416,8 @@ def apply(params: Params, x: jax.Array, y: jax.Array, x_query: jax.Array, cfg: C
     params = effective_params(params, cfg)
     layers = _layers(params, cfg)
     if cfg.attention == "linear" and cfg.d + 1 <= _GRAM_MAX:
-        readout = _sparse_readout if cfg.parameterization == "sparse" else _gram_apply
-        pred = readout(_gram_tiles(x, y), x_query, layers, params["h"], cfg)
+        layers_fn = _sparse_apply if cfg.parameterization == "sparse" else _gram_apply
+        pred = layers_fn(_gram_tiles(x, y), x_query, layers, params["h"], cfg)
     else:
         layer_fn = _linear_layer if cfg.attention == "linear" else _softmax_layer
         z = tokens(x, y, x_query)
