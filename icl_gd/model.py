@@ -54,10 +54,11 @@ L1, where feature-major [d+1, d+1, B] rows put a product's 12 operand streams 16
 index (XLA:CPU runs batched tiny dots, and the reductions autodiff makes of broadcasts, several
 times slower than fused elementwise loops), the layer's VJP is written by hand (``_gram_step``),
 and each product is materialised once (``_barrier``) because XLA:CPU would fuse chains of them and
-recompute every inner product for each element that reads it. With several layers G_0 is
-computed on tiles too (``_gram_tiles``); the readout stays feature-major, where its products are
-GEMMs over the batch. The sparse form never moves an x entry, so its layers reduce to L steps of
-preconditioned GD on G's y column (``_sparse_apply``, O(d^2) per task and layer).
+recompute every inner product for each element that reads it. G_0 is computed on tiles too
+(``_gram_tiles``; beyond ``_UNROLL_N`` tokens feature-major, then tiled); the readout stays
+feature-major, where its products are GEMMs over the batch. The sparse form never moves an x
+entry, so its layers reduce to L steps of preconditioned GD on G's y column (``_sparse_apply``,
+O(d^2) per task and layer).
 docs/BENCHMARKS.md has the numbers.
 ``apply_naive`` keeps the score-matrix form as the oracle.
 """
@@ -216,7 +217,9 @@ def _gram_tiles(x: jax.Array, y: jax.Array) -> jax.Array:
     """G_0 on tiles, [B/_TILE, d+1, d+1, _TILE], for the layers: the tokens tiled once ([P, n, d+1, T],
     the batch padded with zero tasks), then one fused loop of n per-task outer products whose
     operands (a tile's tokens, 7.7 KB at d=5, n=20) stay in L1. Beyond ``_UNROLL_N`` tokens it
-    tiles the feature-major ``_gram``. The tiled tokens are not materialised: XLA fuses the
+    tiles the feature-major ``_gram`` (chunks of ``_UNROLL_N`` tokens in a loop over the tiles
+    ran 5-50% slower per task at n=80-4096, whose batches of 20-1061 tasks pad up to 60% of a
+    tile). The tiled tokens are not materialised: XLA fuses the
     transpose into the loop (a barrier there cost one more 1.6 MB copy, ~0.13 ms at d=5, n=20,
     B=4096)."""
     if x.shape[1] > _UNROLL_N:
