@@ -78,6 +78,17 @@ def test_tiles_pad_the_batch_without_mixing_tasks():
     np.testing.assert_allclose(part, whole[:3], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("parameterization", ["full", "sparse"])
+def test_long_contexts_match_naive(parameterization):
+    """Beyond ``_UNROLL_N`` tokens G_0 is computed feature-major and then tiled; the layers agree
+    with the oracle there too."""
+    cfg = Config(d=2, n=model._UNROLL_N + 3, depth=2, parameterization=parameterization, init_scale=0.3)
+    params = init_params(jax.random.PRNGKey(2), cfg)
+    t = _tasks(cfg, batch=5)
+    np.testing.assert_allclose(apply(params, t.x, t.y, t.x_query, cfg=cfg),
+                               apply_naive(params, t.x, t.y, t.x_query, cfg=cfg), rtol=1e-4, atol=1e-4)
+
+
 def test_wide_features_fall_back_to_the_token_path():
     """d + 1 > _GRAM_MAX runs the token-by-token layers; they agree with the oracle too."""
     cfg = Config(d=model._GRAM_MAX, n=4, depth=2, init_scale=0.2)
