@@ -172,31 +172,19 @@ def _materialized(x: jax.Array) -> jax.Array:
 _materialized.defvjp(lambda x: (_barrier(x), None), lambda _, g: (_barrier(g),))
 
 
-_UNROLL_N = 64  # G_0's sums over the context unrolled up to this n (a YNNPACK reduction above)
+_UNROLL_N = 64  # G_0's outer products unrolled into one tiled loop up to this n (``_gram`` above)
 
 
 def _gram(x: jax.Array, y: jax.Array) -> jax.Array:
-    """G_0 = Z_c^T Z_c per task, feature-major [d+1, d+1, B]. Up to ``_UNROLL_N`` tokens each
-    entry is an unrolled sum of [B] products (beyond it one reduction over n per entry); the
-    (d+1)(d+2)/2 distinct entries are stacked flat and copied into place. At d=5, n=20, B=4096:
-    21 small-axis YNNPACK reductions took 1.3 ms of the step, one loop per row of G 1.0 ms, the
-    flat stack ~0.5 ms (XLA reads the tokens once, transposed, instead of once per row)."""
-    dim, n = x.shape[-1] + 1, x.shape[1]
-    if n <= _UNROLL_N:
-        features = [x[..., i].T for i in range(dim - 1)] + [y.T]  # d+1 x [n, B]
-
-        def entry(a: jax.Array, b: jax.Array) -> jax.Array:
-            return sum(a[t] * b[t] for t in range(n))
-    else:
-        # A reduction over the long minor axis n of [B, n] rows: summed over axis 0 of the
-        # transposed rows, XLA copied one transpose per entry (21 x ~150 us at n=80, B=1061).
-        features = [x[..., i] for i in range(dim - 1)] + [y]  # d+1 x [B, n]
-
-        def entry(a: jax.Array, b: jax.Array) -> jax.Array:
-            return jnp.sum(a * b, axis=1)
-
+    """G_0 = Z_c^T Z_c per task, feature-major [d+1, d+1, B], for contexts longer than
+    ``_UNROLL_N`` (``_gram_tiles`` below it): one reduction over the long minor axis n of [B, n]
+    rows per distinct entry (summed over axis 0 of transposed rows, XLA copied one transpose per
+    entry, 21 x ~150 us at n=80, B=1061); the (d+1)(d+2)/2 entries are stacked flat and copied
+    into place."""
+    dim = x.shape[-1] + 1
+    features = [x[..., i] for i in range(dim - 1)] + [y]  # d+1 x [B, n]
     pairs = [(i, j) for i in range(dim) for j in range(i, dim)]
-    packed = jnp.stack([entry(features[i], features[j]) for i, j in pairs])
+    packed = jnp.stack([jnp.sum(features[i] * features[j], axis=1) for i, j in pairs])
     where = {p: k for k, p in enumerate(pairs)}
     idx = np.asarray([where[min(i, j), max(i, j)] for i in range(dim) for j in range(dim)])
     return packed[idx].reshape(dim, dim, -1)
@@ -205,12 +193,18 @@ def _gram(x: jax.Array, y: jax.Array) -> jax.Array:
 _TILE = 16  # tasks per tile of the layers' arrays: one AVX-512 vector, one 64-byte cache line
 
 
-def _to_tiles(a: jax.Array) -> jax.Array:
-    """Feature-major [..., B] -> tiled [B/_TILE, ..., _TILE], the batch padded with zero tasks (a zero
-    Gram matrix and query stay zero through every layer)."""
+def _tiled(a: jax.Array, axis: int = -1) -> jax.Array:
+    """The batch axis ``axis`` of ``a`` split into tiles: [..., B, ...] -> [B/_TILE, ..., _TILE] (the
+    other axes in order), the batch padded with zero tasks (a zero Gram matrix and query stay zero
+    through every layer)."""
+    a = jnp.moveaxis(a, axis, -1)
     a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, (-a.shape[-1]) % _TILE)])
-    a = a.reshape(*a.shape[:-1], -1, _TILE)
-    return _materialized(jnp.moveaxis(a, -2, 0))
+    return jnp.moveaxis(a.reshape(*a.shape[:-1], -1, _TILE), -2, 0)
+
+
+def _to_tiles(a: jax.Array) -> jax.Array:
+    """Feature-major [..., B] -> tiled [B/_TILE, ..., _TILE], materialised."""
+    return _materialized(_tiled(a))
 
 
 def _gram_tiles(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -224,12 +218,7 @@ def _gram_tiles(x: jax.Array, y: jax.Array) -> jax.Array:
     tasks pad up to 60% of a tile)."""
     if x.shape[1] > _UNROLL_N:
         return _to_tiles(_gram(x, y))
-
-    def tiled(a: jax.Array) -> jax.Array:  # [B, n, ...] -> [P, n, ..., T]
-        a = jnp.pad(a, [(0, (-a.shape[0]) % _TILE)] + [(0, 0)] * (a.ndim - 1))
-        return jnp.moveaxis(a.reshape(-1, _TILE, *a.shape[1:]), 1, -1)
-
-    z = jnp.concatenate([tiled(x), tiled(y)[:, :, None]], axis=2)
+    z = jnp.concatenate([_tiled(x, axis=0), _tiled(y, axis=0)[:, :, None]], axis=2)  # [P, n, d+1, T]
     return _materialized(sum(z[:, t, :, None] * z[:, t, None, :] for t in range(x.shape[1])))
 
 
@@ -318,15 +307,18 @@ def _matvec(a: jax.Array, v: jax.Array) -> jax.Array:
     return _matvec_fwd(a, v)[0]
 
 
+def _product(a: jax.Array, v: jax.Array) -> jax.Array:
+    """a @ v on a one-column tile: ``_mm`` for per-task a, ``_left`` for shared weights."""
+    return (_mm(a, v[:, :, None]) if a.ndim == 4 else _left(a, v[:, :, None]))[:, :, 0]
+
+
 def _matvec_fwd(a: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    a4 = a if a.ndim == 4 else a[None, :, :, None]
-    return _barrier(sum(a4[:, :, j] * v[:, None, j] for j in range(v.shape[1]))), (a, v)
+    return _barrier(_product(a, v)), (a, v)
 
 
 def _matvec_bwd(res: tuple[jax.Array, jax.Array], dout: jax.Array) -> tuple[jax.Array, jax.Array]:
     a, v = res
-    a4 = a if a.ndim == 4 else a[None, :, :, None]
-    dv = _barrier(sum(a4[:, i] * dout[:, i, None] for i in range(dout.shape[1])))
+    dv = _barrier(_product(jnp.swapaxes(a, -3, -2) if a.ndim == 4 else a.T, dout))
     if a.ndim == 4:
         return dout[:, :, None] * v[:, None], dv
     return jnp.einsum("pit,pjt->ij", dout, v), dv

@@ -153,12 +153,14 @@ def test_barrier_is_the_identity():
 
 
 def test_gram_above_the_unrolled_length():
-    """G_0 by one reduction per entry (n > _UNROLL_N) and by the unrolled sums agree with numpy."""
+    """G_0 on tiles by the unrolled outer products (n <= _UNROLL_N) and by ``_gram``'s one reduction
+    per entry (n > _UNROLL_N) agree with numpy."""
     rng = np.random.default_rng(0)
     for n in (model._UNROLL_N, model._UNROLL_N + 7):
         x, y = rng.normal(size=(3, n, 2)).astype(np.float32), rng.normal(size=(3, n)).astype(np.float32)
         z = np.concatenate([x, y[..., None]], -1).astype(np.float64)
-        np.testing.assert_allclose(jax.jit(model._gram)(x, y), np.einsum("bni,bnj->ijb", z, z), rtol=1e-4, atol=1e-4)
+        g = jax.jit(lambda a, b: model._from_tiles(model._gram_tiles(a, b), 3))(x, y)
+        np.testing.assert_allclose(g, np.einsum("bni,bnj->ijb", z, z), rtol=1e-4, atol=1e-4)
 
 
 def test_param_names_shapes_and_sparse_structure():
